@@ -1,0 +1,86 @@
+"""The adapter interface every backbone implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar, Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module a carrier may reach, under the adapter's stable name."""
+
+    name: str
+    path: str
+    module: torch.nn.Module
+    heads: int
+    head_dim: int
+
+
+class BackboneAdapter:
+    """Subclass per model family: set the class attributes, implement :meth:`attention_layers`."""
+
+    name: ClassVar[str]
+    denoiser_attr: ClassVar[str] = "transformer"
+    denoiser_classes: ClassVar[tuple[str, ...]] = ()
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    cfg_style: ClassVar[Literal["sequential", "batched", "none"]] = "sequential"
+    carriers: ClassVar[frozenset[str]] = frozenset()
+    lora_prefix: ClassVar[str] = "transformer"
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        denoiser = getattr(pipe, cls.denoiser_attr, None)
+        if denoiser is None:
+            return False
+        return any(klass.__name__ in cls.denoiser_classes for klass in type(denoiser).__mro__)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @cached_property
+    def _layers(self) -> dict[str, AttentionLayer]:
+        return self.attention_layers_of(self.denoiser)
+
+    def attention_layers(self) -> dict[str, AttentionLayer]:
+        """Attention layers by stable name, in execution order."""
+        return self._layers
+
+    def attention_layers_of(self, denoiser: torch.nn.Module) -> dict[str, AttentionLayer]:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "denoiser": list(cls.denoiser_classes),
+            "pipelines": list(cls.pipeline_classes),
+            "cfg_style": cls.cfg_style,
+            "carriers": sorted(cls.carriers),
+        }
+
+
+def blocks_attention(denoiser: torch.nn.Module, blocks_attr: str, prefix: str) -> dict[str, AttentionLayer]:
+    """``<blocks_attr>[i].attn`` as ``<prefix>_<i>`` (the FLUX-family layout)."""
+    layers = {}
+    for i, block in enumerate(getattr(denoiser, blocks_attr, ())):
+        attn = block.attn
+        layers[f"{prefix}_{i}"] = AttentionLayer(
+            f"{prefix}_{i}", f"{blocks_attr}.{i}.attn", attn, attn.heads, attn.head_dim
+        )
+    return layers

@@ -1,0 +1,157 @@
+"""The ``kv`` carrier: extra keys/values appended to chosen attention layers.
+
+Cache: per attention layer (the adapter's names, e.g. ``double_0``/``single_3`` on FLUX), key and
+value tensors shaped (B, L, heads, head_dim). They are appended on the sequence axis after RoPE and
+carry no position, as DiffSynth-Studio's FLUX.2 DiT concatenates ``kv_cache``. A batch of 1 applies
+to every image of the call.
+Merge: concatenation along the sequence axis per layer; a layer present in only some caches keeps
+that cache's tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+from pydantic import model_validator
+
+from ..attention import EXTRA_KV, attention_interception
+from ..cache import TemplateCache
+from ..context import Branch, CallState, InjectionTarget
+from ..errors import CacheError, CarrierConflictError
+from ..injection import HookSet, Injection, unique_hook_name
+from .base import Carrier, joined_template_names
+
+
+class KVCache(TemplateCache):
+    carrier: ClassVar[str] = "kv"
+
+    keys: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> KVCache:
+        if set(self.keys) != set(self.values):
+            raise ValueError(
+                f"kv cache: layers with keys {sorted(self.keys)} differ from layers with values "
+                f"{sorted(self.values)}"
+            )
+        for layer, k in self.keys.items():
+            v = self.values[layer]
+            if k.ndim != 4 or v.ndim != 4:
+                raise ValueError(
+                    f"kv cache layer {layer!r}: keys and values must be (B, L, heads, head_dim), "
+                    f"got {tuple(k.shape)} and {tuple(v.shape)}"
+                )
+            if k.shape != v.shape:
+                raise ValueError(
+                    f"kv cache layer {layer!r}: keys {tuple(k.shape)} and values {tuple(v.shape)} differ"
+                )
+            if not k.is_floating_point():
+                raise ValueError(f"kv cache layer {layer!r}: expected floating tensors, got {k.dtype}")
+        return self
+
+    def length(self, layer: str) -> int:
+        return self.keys[layer].shape[1]
+
+
+class _ExtraKVHook(ModelHook):
+    """Makes one attention module's attention call see extra K/V (in one CFG branch)."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, branch: Branch, call: CallState):
+        super().__init__()
+        self.key, self.value, self.branch, self.call = key, value, branch, call
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        if self.call.branch != self.branch:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        outer = EXTRA_KV.get()
+        if outer is None:
+            extra = (self.key, self.value)
+        else:  # another injection on this layer: its tokens first, ours after
+            extra = (torch.cat([outer[0], self.key], dim=1), torch.cat([outer[1], self.value], dim=1))
+        token = EXTRA_KV.set(extra)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            EXTRA_KV.reset(token)
+
+
+class KVInjection(Injection):
+    def __init__(
+        self, layers: dict[str, tuple[torch.nn.Module, torch.Tensor, torch.Tensor]], target: InjectionTarget
+    ):
+        self.layers = layers
+        self.target = target
+        self.hooks = HookSet()
+        self._interception = None
+
+    def apply(self) -> None:
+        self._interception = attention_interception()
+        self._interception.__enter__()
+        try:
+            name = unique_hook_name(f"kv.{self.target.branch}")
+            for module, key, value in self.layers.values():
+                self.hooks.add(module, _ExtraKVHook(key, value, self.target.branch, self.target.call), name)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        self.hooks.remove_all()
+        if self._interception is not None:
+            interception, self._interception = self._interception, None
+            interception.__exit__(None, None, None)
+
+
+class KVCarrier(Carrier):
+    name = "kv"
+    cache_class = KVCache
+
+    def merge_caches(self, caches: list[KVCache]) -> KVCache:
+        keys: dict[str, list[torch.Tensor]] = {}
+        values: dict[str, list[torch.Tensor]] = {}
+        for cache in caches:
+            for layer in cache.keys:
+                keys.setdefault(layer, []).append(cache.keys[layer])
+                values.setdefault(layer, []).append(cache.values[layer])
+        merged_k, merged_v = {}, {}
+        for layer in keys:
+            shapes = {tuple(t.shape[2:]) for t in keys[layer]}
+            if len(shapes) > 1:
+                raise CarrierConflictError(
+                    f"kv caches disagree on (heads, head_dim) at layer {layer!r}: {sorted(shapes)}"
+                )
+            batches = {t.shape[0] for t in keys[layer]} - {1}
+            if len(batches) > 1:
+                raise CarrierConflictError(f"kv caches have batch sizes {sorted(batches)} at layer {layer!r}")
+            batch = batches.pop() if batches else 1
+            dtype = keys[layer][0].dtype
+            merged_k[layer] = torch.cat([t.expand(batch, *t.shape[1:]).to(dtype) for t in keys[layer]], dim=1)
+            merged_v[layer] = torch.cat(
+                [t.expand(batch, *t.shape[1:]).to(dtype) for t in values[layer]], dim=1
+            )
+        return KVCache(keys=merged_k, values=merged_v, template=joined_template_names(caches))
+
+    def injection(self, cache: KVCache, target: InjectionTarget) -> KVInjection:
+        available = target.adapter.attention_layers()
+        unknown = sorted(set(cache.keys) - set(available))
+        if unknown:
+            raise CacheError(
+                f"kv cache from template {cache.template!r} names attention layers {unknown} that "
+                f"{target.adapter.name!r} does not have; its layers are {list(available)}"
+            )
+        layers = {}
+        for name, k in cache.keys.items():
+            layer = available[name]
+            if k.shape[2:] != (layer.heads, layer.head_dim):
+                raise CacheError(
+                    f"kv cache from template {cache.template!r}, layer {name!r}: (heads, head_dim) is "
+                    f"{tuple(k.shape[2:])}, the {target.adapter.name!r} layer expects "
+                    f"({layer.heads}, {layer.head_dim})"
+                )
+            param = next(layer.module.parameters())
+            cast = {"device": param.device, "dtype": param.dtype}
+            layers[name] = (layer.module, k.to(**cast), cache.values[name].to(**cast))
+        return KVInjection(layers, target)

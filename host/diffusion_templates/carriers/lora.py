@@ -1,0 +1,201 @@
+"""The ``lora`` carrier: low-rank deltas added to Linear outputs, never written into weights.
+
+Cache: per Linear module (path relative to the denoiser, e.g. ``transformer_blocks.0.attn.to_q``)
+``down`` (A, shape (r, in)) and ``up`` (B, shape (out, r)) and a ``scaling`` factor (alpha / r
+times any user scale). At run time a hook returns ``base(x) + B(A(x)) * scaling``, the same
+arithmetic as PEFT's unfused LoRA layer, so weights stay bit-identical.
+Merge: exact. A module in one cache keeps its factors; a module in several gets the ranks
+concatenated with each scaling folded into its B, so the merged delta is the sum of the scaled
+deltas whatever module sets the LoRAs target.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from pydantic import Field, model_validator
+
+from ..cache import TemplateCache
+from ..context import Branch, CallState, InjectionTarget
+from ..errors import CacheError, CarrierConflictError
+from ..injection import HookSet, Injection, unique_hook_name
+from .base import Carrier, joined_template_names
+
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight$")
+
+
+class LoraCache(TemplateCache):
+    carrier: ClassVar[str] = "lora"
+
+    down: dict[str, torch.Tensor]
+    up: dict[str, torch.Tensor]
+    scaling: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> LoraCache:
+        if set(self.down) != set(self.up):
+            raise ValueError(
+                f"lora cache: modules with down {sorted(set(self.down) ^ set(self.up))} lack a pair"
+            )
+        for module, a in self.down.items():
+            b = self.up[module]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"lora cache module {module!r}: down must be (r, in) and up (out, r), "
+                    f"got {tuple(a.shape)} and {tuple(b.shape)}"
+                )
+        if set(self.scaling) - set(self.down):
+            raise ValueError(
+                f"lora cache: scaling for unknown modules {sorted(set(self.scaling) - set(self.down))}"
+            )
+        return self
+
+    def scale_of(self, module: str) -> float:
+        return self.scaling.get(module, 1.0)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The dense weight delta ``scaling * B @ A`` (for tests and inspection)."""
+        return self.scale_of(module) * (self.up[module] @ self.down[module])
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        prefix: str = "transformer",
+        scale: float = 1.0,
+        alphas: Mapping[str, float] | None = None,
+        template: str | None = None,
+    ) -> LoraCache:
+        """Build from a diffusers/PEFT state dict (``<prefix>.<module>.lora_A.weight`` keys).
+
+        ``.alpha`` entries in the state dict (kohya style) or ``alphas`` give alpha per module;
+        scaling is ``scale * alpha / r`` (``scale`` alone without alpha, as diffusers does).
+        """
+        down, up, alpha = {}, {}, dict(alphas or {})
+        for key, tensor in state_dict.items():
+            if key.endswith(".alpha"):
+                alpha[_strip(key[: -len(".alpha")], prefix)] = float(tensor)
+                continue
+            match = _KEY.match(key)
+            if match is None:
+                raise CacheError(
+                    f"lora state dict key {key!r} is not in diffusers/PEFT format "
+                    "(<module>.lora_A.weight / <module>.lora_B.weight)"
+                )
+            module = _strip(match["module"], prefix)
+            (down if match["kind"] in ("lora_A", "lora_down") else up)[module] = tensor
+        scaling = {m: scale * (alpha[m] / down[m].shape[0] if m in alpha else 1.0) for m in down}
+        return cls(down=down, up=up, scaling=scaling, template=template)
+
+    def to_state_dict(self, prefix: str = "transformer") -> dict[str, torch.Tensor]:
+        """diffusers/PEFT keys, with each module's scaling folded into its B (no alpha needed)."""
+        out = {}
+        for module in self.down:
+            out[f"{prefix}.{module}.lora_A.weight"] = self.down[module]
+            out[f"{prefix}.{module}.lora_B.weight"] = self.up[module] * self.scale_of(module)
+        return out
+
+
+def _strip(module: str, prefix: str) -> str:
+    for p in (f"base_model.model.{prefix}.", f"{prefix}.", "base_model.model."):
+        if prefix and module.startswith(p):
+            return module[len(p) :]
+    return module
+
+
+class _LoraHook(ModelHook):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scaling: float, branch: Branch, call: CallState):
+        super().__init__()
+        self.down, self.up, self.scaling, self.branch, self.call = down, up, scaling, branch, call
+
+    def new_forward(self, module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any):
+        result = self.fn_ref.original_forward(x, *args, **kwargs)
+        if self.call.branch != self.branch:
+            return result
+        # Same order of operations as PEFT's unfused Linear: base + B(A(x)) * scaling.
+        return result + F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scaling
+
+
+class LoraInjection(Injection):
+    def __init__(
+        self,
+        modules: dict[str, tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float]],
+        target: InjectionTarget,
+    ):
+        self.modules = modules
+        self.target = target
+        self.hooks = HookSet()
+
+    def apply(self) -> None:
+        name = unique_hook_name(f"lora.{self.target.branch}")
+        try:
+            for module, down, up, scaling in self.modules.values():
+                self.hooks.add(
+                    module, _LoraHook(down, up, scaling, self.target.branch, self.target.call), name
+                )
+        except BaseException:
+            self.hooks.remove_all()
+            raise
+
+    def remove(self) -> None:
+        self.hooks.remove_all()
+
+
+class LoraCarrier(Carrier):
+    name = "lora"
+    cache_class = LoraCache
+
+    def merge_caches(self, caches: list[LoraCache]) -> LoraCache:
+        owners: dict[str, list[LoraCache]] = {}
+        for cache in caches:
+            for module in cache.down:
+                owners.setdefault(module, []).append(cache)
+        down, up, scaling = {}, {}, {}
+        for module, group in owners.items():
+            if len(group) == 1:
+                down[module], up[module] = group[0].down[module], group[0].up[module]
+                scaling[module] = group[0].scale_of(module)
+                continue
+            shapes = {(c.down[module].shape[1], c.up[module].shape[0]) for c in group}
+            if len(shapes) > 1:
+                raise CarrierConflictError(
+                    f"lora caches disagree on the (in, out) features of module {module!r}: {sorted(shapes)}"
+                )
+            dtype = group[0].down[module].dtype
+            down[module] = torch.cat([c.down[module].to(dtype) for c in group], dim=0)
+            up[module] = torch.cat([c.up[module].to(dtype) * c.scale_of(module) for c in group], dim=1)
+            scaling[module] = 1.0
+        return LoraCache(down=down, up=up, scaling=scaling, template=joined_template_names(caches))
+
+    def injection(self, cache: LoraCache, target: InjectionTarget) -> LoraInjection:
+        denoiser = target.adapter.denoiser
+        modules = {}
+        for path, down in cache.down.items():
+            try:
+                module = denoiser.get_submodule(path)
+            except AttributeError:
+                raise CacheError(
+                    f"lora cache from template {cache.template!r} targets {path!r}, which "
+                    f"{target.adapter.name!r} ({type(denoiser).__name__}) does not have"
+                ) from None
+            if not isinstance(module, torch.nn.Linear):
+                raise CacheError(
+                    f"lora cache from template {cache.template!r} targets {path!r}, a "
+                    f"{type(module).__name__}; only torch.nn.Linear modules are supported"
+                )
+            up = cache.up[path]
+            if down.shape[1] != module.in_features or up.shape[0] != module.out_features:
+                raise CacheError(
+                    f"lora cache from template {cache.template!r}, module {path!r}: factors map "
+                    f"{down.shape[1]} -> {up.shape[0]} features, the layer maps "
+                    f"{module.in_features} -> {module.out_features}"
+                )
+            cast = {"device": module.weight.device, "dtype": module.weight.dtype}
+            modules[path] = (module, down.to(**cast), up.to(**cast), cache.scale_of(path))
+        return LoraInjection(modules, target)

@@ -1,0 +1,50 @@
+"""Errors the host raises. Each names the template or carrier at fault and what was expected."""
+
+from __future__ import annotations
+
+
+class TemplateError(Exception):
+    """Base class of every error raised by Diffusion Templates."""
+
+
+class PluginError(TemplateError):
+    """A plugin could not be found, loaded or used."""
+
+    def __init__(self, message: str, *, plugin: str | None = None, distribution: str | None = None):
+        where = ""
+        if plugin:
+            where = f"plugin {plugin!r}"
+            if distribution:
+                where += f" (distribution {distribution!r})"
+            where += ": "
+        super().__init__(where + message)
+        self.plugin = plugin
+        self.distribution = distribution
+
+
+class UnknownTemplateError(PluginError):
+    """No installed template has this name."""
+
+
+class TemplateInputError(TemplateError, ValueError):
+    """A template's inputs did not validate. ``errors`` lists (field, message, got) triples."""
+
+    def __init__(self, template: str, errors: list[tuple[str, str, object]]):
+        lines = [f"invalid inputs for template {template!r}:"]
+        for field, message, got in errors:
+            lines.append(f"  - field {field!r}: {message} (got {got!r})")
+        super().__init__("\n".join(lines))
+        self.template = template
+        self.errors = errors
+
+
+class CacheError(TemplateError, ValueError):
+    """A Template cache is malformed, or does not fit the backbone it is injected into."""
+
+
+class CarrierConflictError(TemplateError, ValueError):
+    """Several caches of one carrier cannot be merged."""
+
+
+class UnsupportedError(TemplateError):
+    """A carrier, template or pipeline is not supported by the backbone adapter in use."""

@@ -1,0 +1,212 @@
+"""TemplatePipeline: a diffusers pipeline with Template caches injected for one call.
+
+One call, start to finish (``TemplatePipeline.__call__``):
+
+1. ``resolve``   each template spec is validated against its plugin's ``Inputs`` schema;
+2. ``encode``    the plugin's ``encode`` hook runs its Template model, ``to_cache`` types the result;
+3. ``merge``     caches are grouped per carrier (positive and negative separately) and merged;
+4. ``inject``    each carrier's ``inject`` hook checks its merged cache against the backbone and
+                 returns an un-applied Injection;
+5. run           the injections are applied, the wrapped pipeline runs unchanged, and every
+                 injection is undone on the way out, also when the call raised.
+
+Everything that can fail on bad input fails in steps 1-4, before the model is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .cache import TemplateCache
+from .context import CallState, EncodeContext, InjectionTarget
+from .errors import PluginError, TemplateInputError, UnsupportedError
+from .injection import BranchTracker, Injection, registry_cache_guard
+from .plugins import PluginHost, default_host
+
+TemplateSpec = Mapping[str, Any] | str | TemplateCache
+
+
+@dataclass
+class ResolvedTemplate:
+    """A template name with its validated inputs."""
+
+    name: str
+    inputs: BaseModel
+
+
+class TemplatePipeline:
+    """Wraps any supported diffusers pipeline; ``__call__`` takes ``templates``/``negative_templates``.
+
+    A template spec is ``{"template": name, **inputs}`` (or just the name, or an already computed
+    :class:`TemplateCache`). Every other argument goes to the wrapped pipeline unchanged, and its
+    own output type comes back. Attribute access falls through to the wrapped pipeline.
+    """
+
+    def __init__(self, pipe: Any, *, plugins: PluginHost | None = None):
+        self.pipe = pipe
+        self.plugins = plugins or default_host()
+        self.adapter = self.plugins.adapter_for(pipe)
+        # Injections patch this pipeline's modules for the duration of a call: calls on one
+        # TemplatePipeline are serialised. For concurrency use one pipeline per worker (from_pipe).
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __repr__(self) -> str:
+        return f"TemplatePipeline({type(self.pipe).__name__}, backbone={self.adapter.name!r})"
+
+    # -- discovery ------------------------------------------------------------------------------------
+    def available(self) -> list[dict[str, Any]]:
+        """The Python form of ``dt list``: every discovered plugin with its status."""
+        return [info.as_dict() for info in self.plugins.infos]
+
+    # -- steps 1-3 --------------------------------------------------------------------------------------
+    def resolve(self, spec: Mapping[str, Any] | str) -> ResolvedTemplate:
+        """Validate one template spec; errors name the template and the field."""
+        if isinstance(spec, str):
+            spec = {"template": spec}
+        if not isinstance(spec, Mapping) or "template" not in spec:
+            raise TemplateInputError(
+                "<unnamed>", [("template", "each template spec needs a 'template' name", spec)]
+            )
+        name = spec["template"]
+        plugin = self.plugins.get("template", name)
+        fields = {k: v for k, v in spec.items() if k != "template"}
+        try:
+            inputs = plugin.Inputs.model_validate(fields)
+        except ValidationError as exc:
+            errors = [
+                (".".join(str(p) for p in e["loc"]) or "<inputs>", e["msg"], e.get("input"))
+                for e in exc.errors()
+            ]
+            raise TemplateInputError(name, errors) from None
+        self._check_backbone(name, plugin)
+        return ResolvedTemplate(name, inputs)
+
+    def _check_backbone(self, name: str, plugin: Any) -> None:
+        backbones = tuple(getattr(plugin, "backbones", ("*",)))
+        if "*" not in backbones and self.adapter.name not in backbones:
+            raise UnsupportedError(
+                f"template {name!r} supports backbones {list(backbones)}, not {self.adapter.name!r}"
+            )
+        for carrier in getattr(plugin, "carriers", ()):
+            self._check_carrier(carrier, f"template {name!r}")
+
+    def _check_carrier(self, carrier: str, who: str) -> None:
+        obj = self.plugins.get("carrier", carrier)
+        if not obj.supports(self.adapter):
+            raise UnsupportedError(
+                f"{who} needs carrier {carrier!r}, which backbone {self.adapter.name!r} "
+                f"does not support (it supports {sorted(self.adapter.carriers)})"
+            )
+
+    def encode(self, spec: TemplateSpec, *, negative: bool = False) -> list[TemplateCache]:
+        """Run one template (validate, ``encode``, ``to_cache``); returns its caches."""
+        if isinstance(spec, TemplateCache):
+            return [spec]
+        resolved = self.resolve(spec)
+        context = EncodeContext(
+            pipe=self.pipe, adapter=self.adapter, template=resolved.name, negative=negative
+        )
+        rep = self.plugins.call(
+            "template",
+            resolved.name,
+            "encode",
+            template=resolved.name,
+            inputs=resolved.inputs,
+            context=context,
+        )
+        if rep is None:
+            raise PluginError("encode returned nothing", plugin=resolved.name)
+        caches = self.plugins.call(
+            "template", resolved.name, "to_cache", template=resolved.name, representation=rep, context=context
+        )
+        if isinstance(caches, TemplateCache):
+            caches = [caches]
+        if (
+            not isinstance(caches, (list, tuple))
+            or not caches
+            or not all(isinstance(c, TemplateCache) for c in caches)
+        ):
+            got = (
+                (", ".join(type(c).__name__ for c in caches) or "nothing")
+                if isinstance(caches, (list, tuple))
+                else type(caches).__name__
+            )
+            raise PluginError(
+                f"to_cache must return TemplateCache objects, returned {got}", plugin=resolved.name
+            )
+        caches = list(caches)
+        return [c if c.template else c.model_copy(update={"template": resolved.name}) for c in caches]
+
+    def merge(self, caches: Sequence[TemplateCache]) -> list[TemplateCache]:
+        """Group caches by carrier and merge each group (one cache per carrier comes back)."""
+        groups: dict[str, list[TemplateCache]] = {}
+        for cache in caches:
+            groups.setdefault(cache.carrier, []).append(cache)
+        merged = []
+        for carrier, group in groups.items():
+            self._check_carrier(carrier, f"cache from template {group[0].template!r}")
+            if len(group) == 1:
+                merged.append(group[0])
+            else:
+                merged.append(self.plugins.call("carrier", carrier, "merge", carrier=carrier, caches=group))
+        return merged
+
+    def prepare(
+        self,
+        templates: Iterable[TemplateSpec] = (),
+        negative_templates: Iterable[TemplateSpec] = (),
+        call: CallState | None = None,
+    ) -> list[Injection]:
+        """Steps 1-4 for a call: the un-applied injections, in application order."""
+        call = call or CallState()
+        injections: list[Injection] = []
+        for branch, specs in (("cond", templates), ("uncond", negative_templates)):
+            caches = [c for spec in specs or () for c in self.encode(spec, negative=branch == "uncond")]
+            target = InjectionTarget(pipe=self.pipe, adapter=self.adapter, branch=branch, call=call)
+            for cache in self.merge(caches):
+                injections.append(
+                    self.plugins.call(
+                        "carrier", cache.carrier, "inject", carrier=cache.carrier, cache=cache, target=target
+                    )
+                )
+        return injections
+
+    # -- step 5 ---------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        *args: Any,
+        templates: Iterable[TemplateSpec] | None = None,
+        negative_templates: Iterable[TemplateSpec] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        with self._lock:
+            call = CallState()
+            injections = self.prepare(templates or (), negative_templates or (), call)
+            if not injections:
+                return self.pipe(*args, **kwargs)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(registry_cache_guard(self.adapter.denoiser))
+                stack.enter_context(BranchTracker(self.adapter.denoiser, call))
+                for injection in injections:
+                    stack.enter_context(injection)
+                    kwargs = injection.update_call_kwargs(kwargs)
+                output = self.pipe(*args, **kwargs)
+            if negative_templates and not call.extras.get("saw_uncond"):
+                warnings.warn(
+                    "negative_templates had no effect: the pipeline ran no unconditional (CFG) branch; "
+                    "enable real classifier-free guidance to use them",
+                    stacklevel=2,
+                )
+            return output

@@ -1,0 +1,323 @@
+"""Finding, loading and calling plugins.
+
+Discovery reads installed package metadata only: entry points in the groups below, the
+distribution's version, its ``Requires-Dist`` on ``diffusion-templates`` (the host versions it
+supports) and its ``dt-carrier:<name>`` / ``dt-backbone:<name>`` keywords (what ``dt list`` shows
+without importing anything). A plugin module is imported the first time it is used. A plugin that
+cannot be loaded is skipped and reported; it never takes the host down.
+
+``DT_LOAD_PLUGINS`` (comma-separated plugin or distribution names) loads only those;
+``DT_DISABLE_PLUGINS`` skips the ones named. The host's own carriers and backbones always load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from . import __version__, hookspecs
+from .errors import PluginError, UnknownTemplateError
+
+HOST_DISTRIBUTION = "diffusion-templates"
+GROUPS = {
+    "template": "diffusion_templates.templates",
+    "carrier": "diffusion_templates.carriers",
+    "backbone": "diffusion_templates.backbones",
+}
+
+
+@dataclass
+class PluginInfo:
+    """What metadata says about one entry point, and how loading it went."""
+
+    kind: str
+    name: str
+    value: str
+    distribution: str
+    version: str
+    carriers: tuple[str, ...] = ()
+    backbones: tuple[str, ...] = ()
+    host_requires: str | None = None
+    status: str = "not loaded"  # not loaded | loaded | incompatible | disabled | conflict | error
+    problem: str | None = None
+    entry_point: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("not loaded", "loaded")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "carriers": list(self.carriers),
+            "backbones": list(self.backbones),
+            "host_requires": self.host_requires,
+            "status": self.status,
+            "problem": self.problem,
+        }
+
+
+def _env_names(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _host_requirement(dist: metadata.Distribution) -> str | None:
+    for line in dist.requires or ():
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) == HOST_DISTRIBUTION and not req.marker:
+            return str(req.specifier) or None
+    return None
+
+
+def _keywords(dist: metadata.Distribution, prefix: str) -> tuple[str, ...]:
+    raw = dist.metadata.get("Keywords") or ""
+    words = [w.strip() for w in raw.replace(" ", ",").split(",")]
+    return tuple(w[len(prefix) :] for w in words if w.startswith(prefix))
+
+
+def discover() -> list[PluginInfo]:
+    """Every plugin entry point, from metadata alone (imports no plugin, torch or diffusers)."""
+    allow, deny = _env_names("DT_LOAD_PLUGINS"), _env_names("DT_DISABLE_PLUGINS") or set()
+    infos: list[PluginInfo] = []
+    for kind, group in GROUPS.items():
+        for ep in metadata.entry_points(group=group):
+            dist = ep.dist
+            dist_name = dist.metadata["Name"] if dist is not None else "<unknown>"
+            info = PluginInfo(
+                kind=kind,
+                name=ep.name,
+                value=ep.value,
+                distribution=dist_name,
+                version=dist.version if dist is not None else "?",
+                entry_point=ep,
+            )
+            own = canonicalize_name(dist_name) == HOST_DISTRIBUTION
+            if kind == "template":
+                info.carriers = _keywords(dist, "dt-carrier:") if dist else ()
+                info.backbones = _keywords(dist, "dt-backbone:") if dist else ()
+            elif kind == "carrier":
+                info.carriers = (ep.name,)
+            else:
+                info.backbones = (ep.name,)
+            if dist is not None and not own:
+                info.host_requires = _host_requirement(dist)
+                if info.host_requires and __version__ not in _specifier(info.host_requires):
+                    info.status = "incompatible"
+                    info.problem = (
+                        f"supports diffusion-templates {info.host_requires}, this host is {__version__}"
+                    )
+            if info.usable and not own:
+                names = {ep.name, dist_name, canonicalize_name(dist_name)}
+                if (allow is not None and not names & allow) or names & deny:
+                    info.status = "disabled"
+                    info.problem = "disabled by DT_LOAD_PLUGINS / DT_DISABLE_PLUGINS"
+            infos.append(info)
+    _flag_conflicts(infos)
+    return infos
+
+
+def _specifier(spec: str):
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(spec, prereleases=True)
+
+
+def _flag_conflicts(infos: list[PluginInfo]) -> None:
+    by_name: dict[tuple[str, str], list[PluginInfo]] = {}
+    for info in infos:
+        by_name.setdefault((info.kind, info.name), []).append(info)
+    for (kind, name), group in by_name.items():
+        dists = sorted({i.distribution for i in group})
+        if len(dists) > 1:
+            for info in group:
+                if info.usable:
+                    info.status = "conflict"
+                    info.problem = (
+                        f"{kind} name {name!r} is registered by several distributions: {', '.join(dists)}"
+                    )
+
+
+class PluginHost:
+    """The plugin manager: discovered infos, lazily loaded plugin objects, hook calls."""
+
+    def __init__(self, infos: list[PluginInfo] | None = None):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.infos = discover() if infos is None else infos
+        self._objects: dict[tuple[str, str], Any] = {}
+        self._lock = threading.RLock()
+
+    # -- lookup ------------------------------------------------------------------------------------
+    def info(self, kind: str, name: str) -> PluginInfo | None:
+        for info in self.infos:
+            if info.kind == kind and info.name == name:
+                return info
+        return None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(i.name for i in self.infos if i.kind == kind and i.usable)
+
+    def get(self, kind: str, name: str) -> Any:
+        """The loaded plugin object, importing it on first use."""
+        with self._lock:
+            if (kind, name) in self._objects:
+                return self._objects[(kind, name)]
+            info = self.info(kind, name)
+            if info is None:
+                available = ", ".join(self.names(kind)) or "none installed"
+                error = UnknownTemplateError if kind == "template" else PluginError
+                raise error(f"no {kind} named {name!r} is installed (available: {available})", plugin=name)
+            if not info.usable:
+                raise PluginError(
+                    f"is {info.status}: {info.problem}", plugin=name, distribution=info.distribution
+                )
+            try:
+                obj = self._load(info)
+            except Exception as exc:
+                info.status, info.problem = "error", f"{type(exc).__name__}: {exc}"
+                raise PluginError(
+                    f"failed to load: {info.problem}", plugin=name, distribution=info.distribution
+                ) from exc
+            info.status = "loaded"
+            self._objects[(kind, name)] = obj
+            return obj
+
+    def _load(self, info: PluginInfo) -> Any:
+        obj = info.entry_point.load()
+        if inspect.isclass(obj) and info.kind != "backbone":  # adapters are instantiated per pipeline
+            obj = obj()
+        _check_shape(info, obj)
+        if info.kind != "backbone":
+            self.pm.register(obj, name=f"{info.kind}:{info.name}")
+        return obj
+
+    def register(self, kind: str, name: str, obj: Any, distribution: str = "<registered in code>") -> None:
+        """Register a plugin object directly (notebooks, tests): no entry point needed."""
+        with self._lock:
+            info = PluginInfo(
+                kind=kind,
+                name=name,
+                value=repr(obj),
+                distribution=distribution,
+                version="",
+                carriers=tuple(getattr(obj, "carriers", ()) or ()),
+                status="loaded",
+            )
+            if inspect.isclass(obj) and kind != "backbone":
+                obj = obj()
+            _check_shape(info, obj)
+            if self.info(kind, name) is not None:
+                raise PluginError(f"a {kind} named {name!r} is already registered", plugin=name)
+            if kind != "backbone":
+                self.pm.register(obj, name=f"{kind}:{name}")
+            self.infos.append(info)
+            self._objects[(kind, name)] = obj
+
+    def load_all(self) -> list[PluginInfo]:
+        """Import every usable plugin (for ``dt doctor``); failures are recorded, not raised."""
+        for info in self.infos:
+            if info.usable:
+                try:
+                    self.get(info.kind, info.name)
+                except PluginError:
+                    pass
+        return self.infos
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def call(self, kind: str, name: str, hook: str, **kwargs: Any) -> Any:
+        """Call ``hook`` on the one plugin that owns ``name`` (no other plugin sees the call)."""
+        owner = self.get(kind, name)
+        others = [p for p in self.pm.get_plugins() if p is not owner]
+        caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
+        info = self.info(kind, name)
+        if not caller.get_hookimpls():
+            raise PluginError(f"implements no {hook!r} hook", plugin=name, distribution=info.distribution)
+        try:
+            return caller(**kwargs)
+        except Exception as exc:
+            from .errors import TemplateError
+
+            if isinstance(exc, TemplateError):
+                raise
+            raise PluginError(
+                f"hook {hook!r} raised {type(exc).__name__}: {exc}",
+                plugin=name,
+                distribution=info.distribution,
+            ) from exc
+
+    # -- backbones -------------------------------------------------------------------------------------
+    def adapter_for(self, pipe: Any):
+        """An adapter instance for ``pipe``'s denoiser; a clear error listing what is supported."""
+        from .errors import UnsupportedError
+
+        tried = []
+        for name in self.names("backbone"):
+            try:
+                adapter_cls = self.get("backbone", name)
+            except PluginError:
+                continue
+            tried.append(f"{name} ({', '.join(adapter_cls.denoiser_classes)})")
+            if adapter_cls.matches(pipe):
+                return adapter_cls(pipe)
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        raise UnsupportedError(
+            f"{type(pipe).__name__} with denoiser {type(denoiser).__name__} is not supported by any "
+            "installed "
+            f"backbone adapter; supported: {'; '.join(tried) or 'none'}"
+        )
+
+
+def _check_shape(info: PluginInfo, obj: Any) -> None:
+    """A loaded plugin must look like its kind; say what is missing, naming plugin and distribution."""
+    from pydantic import BaseModel
+
+    def fail(msg: str) -> None:
+        raise PluginError(msg, plugin=info.name, distribution=info.distribution)
+
+    if info.kind == "template":
+        inputs = getattr(obj, "Inputs", None)
+        if not (inspect.isclass(inputs) and issubclass(inputs, BaseModel)):
+            fail("a template plugin must define `Inputs`, a pydantic BaseModel subclass")
+    elif info.kind == "carrier":
+        if not hasattr(obj, "supports"):
+            fail("a carrier plugin must define `supports(adapter)`")
+    elif info.kind == "backbone":
+        if not (inspect.isclass(obj) or hasattr(obj, "matches")):
+            fail("a backbone plugin must be a BackboneAdapter subclass")
+
+
+_default: PluginHost | None = None
+_default_lock = threading.Lock()
+
+
+def default_host() -> PluginHost:
+    """The process-wide plugin host (discovery runs once)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = PluginHost()
+        return _default
+
+
+def reset_default_host() -> None:
+    """Forget discovered plugins (after installing one at run time, and in tests)."""
+    global _default
+    with _default_lock:
+        _default = None

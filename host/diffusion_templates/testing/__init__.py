@@ -1,0 +1,1 @@
+"""Test helpers for Diffusion Templates: tiny offline pipelines with random weights."""

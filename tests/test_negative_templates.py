@@ -1,0 +1,66 @@
+"""templates reach only the conditional CFG branch, negative_templates only the unconditional one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_templates import TemplatePipeline
+from helpers import run
+
+
+def record_branch_outputs(pipe, family, tp=None, **kwargs):
+    """Denoiser outputs of one call, split by the cache context diffusers ran them under."""
+    outputs = {"cond": [], "uncond": []}
+    order = []
+
+    def hook(module, args, kw, output):
+        # diffusers pipelines call cond first, then uncond, within each step
+        branch = "cond" if len(order) % 2 == 0 else "uncond"
+        order.append(branch)
+        outputs[branch].append(output[0].detach().clone())
+
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        run(tp or pipe, family, **kwargs)
+    finally:
+        handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("family,fixture", [("flux2_klein", "flux2_pipe"), ("flux", "flux_pipe")])
+@pytest.mark.parametrize(
+    "template",
+    [
+        {"template": "test-kv", "scale": 1.0},
+        {"template": "test-lora", "targets": ["transformer_blocks.0.attn.to_q"]},
+    ],
+)
+def test_branches_see_only_their_own_caches(family, fixture, template, request):
+    pipe = request.getfixturevalue(fixture)
+    tp = TemplatePipeline(pipe)
+    bare = record_branch_outputs(pipe, family)
+    # Step 0 has identical inputs in every call: compare the first denoiser output of each branch.
+    positive = record_branch_outputs(pipe, family, tp, templates=[template])
+    assert not torch.equal(positive["cond"][0], bare["cond"][0])
+    assert torch.equal(positive["uncond"][0], bare["uncond"][0])
+    negative = record_branch_outputs(pipe, family, tp, negative_templates=[template])
+    assert torch.equal(negative["cond"][0], bare["cond"][0])
+    assert not torch.equal(negative["uncond"][0], bare["uncond"][0])
+
+
+def test_negative_templates_without_cfg_warn(flux2_pipe):
+    tp = TemplatePipeline(flux2_pipe)
+    with pytest.warns(UserWarning, match="no unconditional"):
+        run(tp, "flux2_klein", cfg=False, negative_templates=[{"template": "test-kv"}])
+
+
+def test_positive_and_negative_kv_of_different_lengths(flux2_pipe):
+    tp = TemplatePipeline(flux2_pipe)
+    out = run(
+        tp,
+        "flux2_klein",
+        templates=[{"template": "test-kv", "length": 7}],
+        negative_templates=[{"template": "test-kv", "length": 2, "seed": 4}],
+    )
+    assert torch.isfinite(out).all()
