@@ -26,20 +26,34 @@ def _fresh_plugin_host():
     reset_default_host()
 
 
-@pytest.fixture(scope="session")
-def flux2_pipe():
-    """Tiny FLUX.2 klein *base* pipeline (real CFG), warmed up once so diffusers' own lazy state exists."""
-    from diffusion_templates.testing.tiny import TINY_PIPELINES, tiny_call_kwargs
-
-    pipe = TINY_PIPELINES["flux2_klein"].build()
-    pipe(prompt="warm up", **tiny_call_kwargs("flux2_klein", cfg=True))
-    return pipe
+FAMILIES = ["flux2_klein", "flux", "sd3", "qwen_image", "sdxl"]
+"""Tiny pipeline families with a backbone adapter (testing/tiny.py builds them offline)."""
 
 
 @pytest.fixture(scope="session")
-def flux_pipe():
+def tiny_pipes():
+    """family -> a tiny pipeline with CFG-capable settings, built once and warmed up once (so that
+    diffusers' and transformers' own lazily created state exists before any before/after snapshot)."""
     from diffusion_templates.testing.tiny import TINY_PIPELINES, tiny_call_kwargs
 
-    pipe = TINY_PIPELINES["flux"].build()
-    pipe(prompt="warm up", **tiny_call_kwargs("flux", cfg=True))
-    return pipe
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            pipe = TINY_PIPELINES[family].build()
+            pipe(prompt="warm up", **tiny_call_kwargs(family, cfg=True))
+            cache[family] = pipe
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def flux2_pipe(tiny_pipes):
+    """Tiny FLUX.2 klein *base* pipeline (real CFG)."""
+    return tiny_pipes("flux2_klein")
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tiny_pipes):
+    return tiny_pipes("flux")

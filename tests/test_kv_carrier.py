@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import diffusers.models.transformers.transformer_flux as transformer_flux
 import diffusers.models.transformers.transformer_flux2 as transformer_flux2
+import diffusers.models.transformers.transformer_qwenimage as transformer_qwenimage
 import pytest
 import torch
 
+from conftest import FAMILIES
 from diffusion_templates import TemplatePipeline
 from diffusion_templates.testing.snapshot import assert_pipeline_unchanged, pipeline_state
 from diffusion_templates.testing.tiny import TINY_PIPELINES
 from helpers import hand_written_kv, run
 
-CASES = [("flux2_klein", "flux2_pipe", transformer_flux2), ("flux", "flux_pipe", transformer_flux)]
+# The transformer modules whose imported ``dispatch_attention_fn`` the reference replaces
+# (SD3 and the UNet go through attention_processor's F.scaled_dot_product_attention instead).
+DISPATCH_MODULES = [transformer_flux2, transformer_flux, transformer_qwenimage]
 
 
-@pytest.mark.parametrize("family,fixture,module", CASES)
-def test_kv_equals_hand_written_concatenation(family, fixture, module, request, monkeypatch):
-    pipe = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_equals_hand_written_concatenation(family, tiny_pipes, monkeypatch):
+    pipe = tiny_pipes(family)
     tp = TemplatePipeline(pipe)
     spec = {"template": "test-kv", "scale": 0.8, "length": 5}
     cache = tp.encode(spec)[0]
     ours = run(tp, family, templates=[spec])
-    with hand_written_kv(monkeypatch, pipe.transformer, [module], cache, tp.adapter.attention_layers()):
+    with hand_written_kv(
+        monkeypatch, tp.adapter.denoiser, DISPATCH_MODULES, cache, tp.adapter.attention_layers()
+    ):
         # The reference applies to both CFG branches; so must ours: inject as positive and negative.
         reference = run(pipe, family)
     both = run(tp, family, templates=[spec], negative_templates=[spec])
@@ -30,9 +36,9 @@ def test_kv_equals_hand_written_concatenation(family, fixture, module, request, 
     assert (ours - both).abs().max() > 1e-4  # the positive-only call really differs
 
 
-@pytest.mark.parametrize("family,fixture", [("flux2_klein", "flux2_pipe"), ("flux", "flux_pipe")])
-def test_no_template_is_bit_identical_to_bare(family, fixture, request):
-    pipe = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_template_is_bit_identical_to_bare(family, tiny_pipes):
+    pipe = tiny_pipes(family)
     bare = run(pipe, family)
     before = pipeline_state(pipe)
     tp = TemplatePipeline(pipe)
@@ -53,7 +59,7 @@ def test_kv_subset_of_layers_and_attention_backends_restored(flux2_pipe, monkeyp
     assert sorted(cache.keys) == ["double_1", "single_0"]
     ours = run(tp, "flux2_klein", templates=[spec], negative_templates=[spec])
     with hand_written_kv(
-        monkeypatch, flux2_pipe.transformer, [transformer_flux2], cache, tp.adapter.attention_layers()
+        monkeypatch, flux2_pipe.transformer, DISPATCH_MODULES, cache, tp.adapter.attention_layers()
     ):
         reference = run(flux2_pipe, "flux2_klein")
     assert (ours - reference).abs().max() < 1e-5
@@ -68,7 +74,7 @@ def test_batch_one_cache_applies_to_every_image(flux2_pipe, monkeypatch):
     ours = run(tp, "flux2_klein", templates=[spec], negative_templates=[spec], **kwargs)
     assert ours.shape[0] == 4
     with hand_written_kv(
-        monkeypatch, flux2_pipe.transformer, [transformer_flux2], cache, tp.adapter.attention_layers()
+        monkeypatch, flux2_pipe.transformer, DISPATCH_MODULES, cache, tp.adapter.attention_layers()
     ):
         reference = run(flux2_pipe, "flux2_klein", **kwargs)
     assert (ours - reference).abs().max() < 1e-5

@@ -6,6 +6,7 @@ import pytest
 import torch
 from dt_test_templates import random_lora
 
+from conftest import FAMILIES
 from diffusion_templates import LoraCache, TemplatePipeline
 from diffusion_templates.carriers.lora import LoraCarrier
 from diffusion_templates.context import CallState, InjectionTarget
@@ -28,11 +29,24 @@ TARGETS = {
 }
 
 
+def targets_for(tp) -> list[str]:
+    """The first and last Linear of the first attention layer, and the first of the last layer."""
+
+    def linears(layer):
+        return [
+            f"{layer.path}.{n}" for n, m in layer.module.named_modules() if isinstance(m, torch.nn.Linear)
+        ]
+
+    layers = list(tp.adapter.attention_layers().values())
+    return [linears(layers[0])[0], linears(layers[0])[-1], linears(layers[-1])[0]]
+
+
 def _with_peft(pipe, family, loras: dict[str, LoraCache], weights: dict[str, float]):
     """The reference: diffusers' PEFT path, on a fresh build of the same (seeded) tiny pipeline."""
     pipe = TINY_PIPELINES[family].build()
+    prefix = TemplatePipeline(pipe).adapter.lora_prefix
     for name, cache in loras.items():
-        pipe.load_lora_weights(cache.to_state_dict(), adapter_name=name)
+        pipe.load_lora_weights(cache.to_state_dict(prefix=prefix), adapter_name=name)
     pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
     try:
         return run(pipe, family)
@@ -40,13 +54,12 @@ def _with_peft(pipe, family, loras: dict[str, LoraCache], weights: dict[str, flo
         pipe.unload_lora_weights()
 
 
-@pytest.mark.parametrize("family,fixture", [("flux2_klein", "flux2_pipe"), ("flux", "flux_pipe")])
-def test_lora_equals_load_lora_weights(family, fixture, request):
-    pipe = request.getfixturevalue(fixture)
-    targets = TARGETS[family][0]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_equals_load_lora_weights(family, tiny_pipes):
+    pipe = tiny_pipes(family)
     before = pipeline_state(pipe)
-    cache = random_lora(pipe.transformer, targets, rank=4, seed=1)
     tp = TemplatePipeline(pipe)
+    cache = random_lora(tp.adapter.denoiser, targets_for(tp), rank=4, seed=1)
     ours = run(tp, family, templates=[cache], negative_templates=[cache])
     assert_pipeline_unchanged(before, pipe)
     reference = _with_peft(pipe, family, {"a": cache}, {"a": 1.0})
@@ -80,7 +93,7 @@ def test_merged_disjoint_loras_equal_applying_one_after_the_other(flux2_pipe):
     ]
     from diffusion_templates.injection import BranchTracker
 
-    with BranchTracker(tp.adapter.denoiser, call):
+    with BranchTracker(tp.adapter, call):
         for injection in injections:
             injection.apply()
         try:

@@ -5,22 +5,30 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import FAMILIES
 from diffusion_templates import TemplatePipeline
 from helpers import run
 
 
 def record_branch_outputs(pipe, family, tp=None, **kwargs):
-    """Denoiser outputs of one call, split by the cache context diffusers ran them under."""
+    """Denoiser outputs of one call per CFG branch: sequential pipelines call cond then uncond
+    in each step; batched ones (SD3, SDXL) compute [uncond, cond] halves in one call."""
     outputs = {"cond": [], "uncond": []}
     order = []
+    adapter = TemplatePipeline(pipe).adapter
 
     def hook(module, args, kw, output):
-        # diffusers pipelines call cond first, then uncond, within each step
+        output = output[0].detach().clone()
+        if adapter.cfg_style == "batched":
+            n = output.shape[0] // 2
+            outputs["uncond"].append(output[:n])
+            outputs["cond"].append(output[n:])
+            return
         branch = "cond" if len(order) % 2 == 0 else "uncond"
         order.append(branch)
-        outputs[branch].append(output[0].detach().clone())
+        outputs[branch].append(output)
 
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    handle = adapter.denoiser.register_forward_hook(hook, with_kwargs=True)
     try:
         run(tp or pipe, family, **kwargs)
     finally:
@@ -28,17 +36,20 @@ def record_branch_outputs(pipe, family, tp=None, **kwargs):
     return outputs
 
 
-@pytest.mark.parametrize("family,fixture", [("flux2_klein", "flux2_pipe"), ("flux", "flux_pipe")])
-@pytest.mark.parametrize(
-    "template",
-    [
-        {"template": "test-kv", "scale": 1.0},
-        {"template": "test-lora", "targets": ["transformer_blocks.0.attn.to_q"]},
-    ],
-)
-def test_branches_see_only_their_own_caches(family, fixture, template, request):
-    pipe = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("carrier", ["kv", "lora"])
+def test_branches_see_only_their_own_caches(family, carrier, tiny_pipes):
+    pipe = tiny_pipes(family)
     tp = TemplatePipeline(pipe)
+    first = next(iter(tp.adapter.attention_layers().values()))
+    lora_target = next(
+        f"{first.path}.{n}" for n, m in first.module.named_modules() if isinstance(m, torch.nn.Linear)
+    )
+    template = (
+        {"template": "test-kv", "scale": 1.0}
+        if carrier == "kv"
+        else {"template": "test-lora", "targets": [lora_target]}
+    )
     bare = record_branch_outputs(pipe, family)
     # Step 0 has identical inputs in every call: compare the first denoiser output of each branch.
     positive = record_branch_outputs(pipe, family, tp, templates=[template])

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from .backbones.base import BackboneAdapter
 
 Branch = Literal["cond", "uncond"]
+#: What the denoiser computes in one call: one branch, or ``"batched"`` = ``[uncond, cond]`` halves.
+CallBranch = Literal["cond", "uncond", "batched"]
 
 
 @dataclass
@@ -19,10 +21,12 @@ class CallState:
 
     ``branch`` is the classifier-free-guidance branch the denoiser is computing right now. With
     sequential CFG it follows diffusers' ``transformer.cache_context("cond"/"uncond")``; a denoiser
-    call outside any cache context counts as ``"cond"`` (pipelines without CFG).
+    call outside any cache context counts as ``"cond"`` (pipelines without CFG). With batched CFG
+    (SD3, SDXL) it is ``"batched"`` while the pipeline's ``do_classifier_free_guidance`` is on:
+    the first half of the denoiser batch is unconditional, the second conditional.
     """
 
-    branch: Branch = "cond"
+    branch: CallBranch = "cond"
     denoiser_calls: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 

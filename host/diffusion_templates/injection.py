@@ -42,8 +42,20 @@ class Injection:
     def remove(self) -> None:
         """Undo :meth:`apply` exactly."""
 
+    #: Tensors this injection reads or replaces in :meth:`on_step_end` (the pipeline's
+    #: ``callback_on_step_end_tensor_inputs`` names, e.g. ``("latents",)``).
+    step_tensor_inputs: tuple[str, ...] = ()
+
     def update_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Called after each denoising step with the requested tensors; return the replacements.
+
+        Only called when ``step_tensor_inputs`` is non-empty. Step callbacks of all injections run
+        in injection order, then the user's own ``callback_on_step_end``.
+        """
+        return {}
 
     def __enter__(self) -> Injection:
         self.apply()
@@ -122,14 +134,20 @@ class _BranchHook(ModelHook):
 
     _is_stateful = True  # so that ``transformer.cache_context`` hands this hook its context
 
-    def __init__(self, call: CallState):
+    def __init__(self, call: CallState, pipe: Any, batched_cfg: bool):
         super().__init__()
         self.call = call
+        self.pipe = pipe
+        self.batched_cfg = batched_cfg
         self.state_manager = StateManager(_NoState)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         context = self.state_manager._context
-        self.call.branch = "uncond" if context is not None and context.name == "uncond" else "cond"
+        if self.batched_cfg and getattr(self.pipe, "do_classifier_free_guidance", False):
+            self.call.branch = "batched"
+            self.call.extras["saw_uncond"] = True
+        else:
+            self.call.branch = "uncond" if context is not None and context.name == "uncond" else "cond"
         self.call.denoiser_calls += 1
         if self.call.branch == "uncond":
             self.call.extras["saw_uncond"] = True
@@ -143,13 +161,39 @@ class _BranchHook(ModelHook):
 class BranchTracker(Injection):
     """Keeps ``call.branch`` equal to the CFG branch the denoiser is computing."""
 
-    def __init__(self, denoiser: torch.nn.Module, call: CallState):
-        self.denoiser = denoiser
+    def __init__(self, adapter: Any, call: CallState):
+        self.adapter = adapter
         self.call = call
         self.hooks = HookSet()
 
     def apply(self) -> None:
-        self.hooks.add(self.denoiser, _BranchHook(self.call), unique_hook_name("branch"))
+        hook = _BranchHook(self.call, self.adapter.pipe, self.adapter.cfg_style == "batched")
+        self.hooks.add(self.adapter.denoiser, hook, unique_hook_name("branch"))
 
     def remove(self) -> None:
         self.hooks.remove_all()
+
+
+def compose_step_callbacks(injections: list[Injection], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fold the injections' ``on_step_end`` and the user's ``callback_on_step_end`` into one callback.
+
+    diffusers pipelines take a single ``callback_on_step_end`` and the list of tensor names it may
+    read and replace; several carriers (latent masks, guidance) and the user all need it.
+    """
+    active = [i for i in injections if i.step_tensor_inputs]
+    if not active:
+        return kwargs
+    user_callback = kwargs.get("callback_on_step_end")
+    names = list(kwargs.get("callback_on_step_end_tensor_inputs") or ["latents"])
+    for injection in active:
+        names += [n for n in injection.step_tensor_inputs if n not in names]
+
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        tensors = dict(tensors)
+        for injection in active:
+            tensors.update(injection.on_step_end(pipe, step, timestep, tensors) or {})
+        if user_callback is not None:
+            tensors.update(user_callback(pipe, step, timestep, tensors) or {})
+        return tensors
+
+    return {**kwargs, "callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": names}

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from .cache import TemplateCache
 from .context import CallState, EncodeContext, InjectionTarget
 from .errors import PluginError, TemplateInputError, UnsupportedError
-from .injection import BranchTracker, Injection, registry_cache_guard
+from .injection import BranchTracker, Injection, compose_step_callbacks, registry_cache_guard
 from .plugins import PluginHost, default_host
 
 TemplateSpec = Mapping[str, Any] | str | TemplateCache
@@ -198,10 +198,11 @@ class TemplatePipeline:
                 return self.pipe(*args, **kwargs)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(registry_cache_guard(self.adapter.denoiser))
-                stack.enter_context(BranchTracker(self.adapter.denoiser, call))
+                stack.enter_context(BranchTracker(self.adapter, call))
                 for injection in injections:
                     stack.enter_context(injection)
                     kwargs = injection.update_call_kwargs(kwargs)
+                kwargs = compose_step_callbacks(injections, kwargs)
                 output = self.pipe(*args, **kwargs)
             if negative_templates and not call.extras.get("saw_uncond"):
                 warnings.warn(

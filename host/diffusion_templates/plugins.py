@@ -140,18 +140,24 @@ def _specifier(spec: str):
 
 
 def _flag_conflicts(infos: list[PluginInfo]) -> None:
+    """Two usable distributions registering one name: neither wins silently. The host's own
+    carriers and backbones are the exception: they stay, the newcomer is flagged."""
     by_name: dict[tuple[str, str], list[PluginInfo]] = {}
     for info in infos:
-        by_name.setdefault((info.kind, info.name), []).append(info)
+        if info.usable:
+            by_name.setdefault((info.kind, info.name), []).append(info)
     for (kind, name), group in by_name.items():
         dists = sorted({i.distribution for i in group})
-        if len(dists) > 1:
-            for info in group:
-                if info.usable:
-                    info.status = "conflict"
-                    info.problem = (
-                        f"{kind} name {name!r} is registered by several distributions: {', '.join(dists)}"
-                    )
+        if len(dists) < 2:
+            continue
+        own = [i for i in group if canonicalize_name(i.distribution) == HOST_DISTRIBUTION]
+        for info in group:
+            if info in own:
+                continue
+            info.status = "conflict"
+            info.problem = f"{kind} name {name!r} is registered by several distributions: {', '.join(dists)}"
+            if own:
+                info.problem += " (the host's own one is used)"
 
 
 class PluginHost:

@@ -84,3 +84,8 @@ def blocks_attention(denoiser: torch.nn.Module, blocks_attr: str, prefix: str) -
             f"{prefix}_{i}", f"{blocks_attr}.{i}.attn", attn, attn.heads, attn.head_dim
         )
     return layers
+
+
+def legacy_attention(name: str, path: str, attn: torch.nn.Module) -> AttentionLayer:
+    """An ``Attention`` module of diffusers' classic kind (``heads`` set, head dim from ``to_k``)."""
+    return AttentionLayer(name, path, attn, attn.heads, attn.to_k.out_features // attn.heads)

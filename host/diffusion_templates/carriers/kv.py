@@ -16,7 +16,7 @@ import torch
 from diffusers.hooks import ModelHook
 from pydantic import model_validator
 
-from ..attention import EXTRA_KV, attention_interception
+from ..attention import Segment, attention_interception, extra_kv
 from ..cache import TemplateCache
 from ..context import Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
@@ -64,18 +64,15 @@ class _ExtraKVHook(ModelHook):
         self.key, self.value, self.branch, self.call = key, value, branch, call
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        if self.call.branch != self.branch:
+        branch = self.call.branch
+        if branch == "batched":  # [uncond, cond] in one batch: our half only
+            segment = Segment(self.key, self.value, half=self.branch)
+        elif branch == self.branch:
+            segment = Segment(self.key, self.value)
+        else:
             return self.fn_ref.original_forward(*args, **kwargs)
-        outer = EXTRA_KV.get()
-        if outer is None:
-            extra = (self.key, self.value)
-        else:  # another injection on this layer: its tokens first, ours after
-            extra = (torch.cat([outer[0], self.key], dim=1), torch.cat([outer[1], self.value], dim=1))
-        token = EXTRA_KV.set(extra)
-        try:
+        with extra_kv(segment):
             return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            EXTRA_KV.reset(token)
 
 
 class KVInjection(Injection):

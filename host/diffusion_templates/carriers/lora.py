@@ -116,10 +116,18 @@ class _LoraHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any):
         result = self.fn_ref.original_forward(x, *args, **kwargs)
+        if self.call.branch == "batched":  # [uncond, cond] in one batch: add to our half only
+            n = x.shape[0] // 2
+            if self.branch == "cond":
+                return torch.cat([result[:n], result[n:] + self._delta(x[n:])])
+            return torch.cat([result[:n] + self._delta(x[:n]), result[n:]])
         if self.call.branch != self.branch:
             return result
+        return result + self._delta(x)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
         # Same order of operations as PEFT's unfused Linear: base + B(A(x)) * scaling.
-        return result + F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scaling
+        return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scaling
 
 
 class LoraInjection(Injection):
