@@ -447,6 +447,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 # -- dt demo / dt generate -------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     import importlib
+    import os
+
+    # transformers warns at import about optional image backends the pipelines never use here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     try:
         demo = importlib.import_module(f"{__package__}.demo")
@@ -502,12 +506,31 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_doctor)
 
-    for name, text in (("demo", "run the demo"), ("generate", "generate images with templates")):
-        p = sub.add_parser(name, help=text,
-                           description=f"{text[0].upper()}{text[1:]} (diffusion_templates.demo).")
-        p.add_argument("--out", metavar="DIR", help="output directory")
-        p.add_argument("--steps", metavar="N", type=int, help="number of denoising steps")
-        p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("demo", help="run the demo: a contact sheet of every installed template",
+                       description="Generate a contact sheet (base image, each installed template alone, the "
+                                   "paper's fusion examples) and a report of measured effects.")
+    p.add_argument("--out", metavar="DIR", default="dt-demo", help="output directory (default: dt-demo)")
+    p.add_argument("--steps", metavar="N", type=int, help="denoising steps (default: the base model's)")
+    p.add_argument("--base", metavar="MODEL", help="diffusers folder or hub id (default: the embedded model)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="generate an image with templates",
+                       description="Generate an image with templates, e.g. "
+                                   "dt generate --prompt 'a red circle' --template brightness scale=0.8")
+    p.add_argument("--prompt", default="", help="the text prompt")
+    p.add_argument("--template", "-t", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="a template and its inputs (repeatable); values are JSON or plain strings")
+    p.add_argument("--negative-template", nargs="+", action="append", default=[],
+                   metavar=("NAME", "KEY=VALUE"),
+                   help="a template for the unconditional CFG branch (repeatable)")
+    p.add_argument("--base", metavar="MODEL", help="diffusers folder or hub id (default: the embedded model)")
+    p.add_argument("--steps", metavar="N", type=int, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--size", type=int, help="image height and width in pixels")
+    p.add_argument("--guidance", type=float, help="CFG scale passed to the pipeline")
+    p.add_argument("--job", metavar="FILE", help="a YAML/JSON job file with any of these fields (CLI wins)")
+    p.add_argument("--out", metavar="FILE", default="out.png", help="output image (default: out.png)")
+    p.set_defaults(func=_cmd_demo)
     return parser, sub
 
 

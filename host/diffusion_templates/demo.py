@@ -1,0 +1,268 @@
+"""``dt demo`` and ``dt generate``: the main job from the command line.
+
+The base model is the embedded default (a distribution exposing ``diffusion_templates.base_models``
+entry points, e.g. ``dt-base-shapes``) unless ``--base`` names a diffusers folder or hub id. With no
+embedded model installed, a tiny random-weight FLUX.2 klein pipeline stands in, and the demo says so:
+its images show the mechanics (each template's measurable effect), not pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .plugins import PluginHost, default_host
+
+BASE_MODELS_GROUP = "diffusion_templates.base_models"
+
+# The paper's fusion examples (figures 12-15), shown when every template in a row is installed.
+FUSIONS = [
+    ("superres", "sharpness"),
+    ("depth", "color", "brightness"),
+    ("depth", "aesthetic", "sharpness"),
+    ("inpaint", "edit", "brightness"),
+]
+
+
+@dataclass
+class BaseModel:
+    """A pipeline plus the call arguments it needs, and what to tell the user about it."""
+
+    pipe: Any
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    prompts: list[str] = field(
+        default_factory=lambda: ["a large red circle in the center on a blue background"]
+    )
+
+
+def load_base(base: str | None) -> BaseModel:
+    """``--base`` (a diffusers folder or hub id), else the embedded model, else a tiny random FLUX.2."""
+    if base:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(base)
+        return BaseModel(pipe, {}, f"diffusers pipeline from {base}")
+    for ep in metadata.entry_points(group=BASE_MODELS_GROUP):
+        loader: Callable[[], BaseModel] = ep.load()
+        return loader()
+    from .testing.tiny import TINY_PIPELINES
+
+    spec = TINY_PIPELINES["flux2_klein"]
+    return BaseModel(
+        spec.build(),
+        {**spec.call_kwargs, **spec.cfg_kwargs, "num_inference_steps": 4, "height": 64, "width": 64},
+        "a tiny FLUX.2 klein pipeline with RANDOM weights (no embedded model is installed): the images show "
+        "each template's measurable effect, not meaningful pictures",
+    )
+
+
+def parse_template_args(groups: list[list[str]]) -> list[dict[str, Any]]:
+    """``[["brightness", "scale=0.8"], ...]`` -> ``[{"template": "brightness", "scale": 0.8}, ...]``."""
+    specs = []
+    for name, *pairs in groups:
+        spec: dict[str, Any] = {"template": name}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"dt: error: template {name!r}: expected KEY=VALUE, got {pair!r}")
+            try:
+                spec[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                spec[key] = raw  # plain strings (paths, words) need no quotes
+        specs.append(spec)
+    return specs
+
+
+# -- measurements -------------------------------------------------------------------------------------------
+def image_stats(image: Image.Image) -> dict[str, float]:
+    """Mean colour, luminance (Rec. 601), high-frequency energy (mean squared Laplacian); [0, 1] units."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    luma = rgb @ np.array([0.299, 0.587, 0.114])
+    lap = -4 * luma[1:-1, 1:-1] + luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:]
+    r, g, b = rgb.reshape(-1, 3).mean(axis=0)
+    return {
+        "luminance": float(luma.mean()),
+        "r": float(r),
+        "g": float(g),
+        "b": float(b),
+        "hf_energy": float((lap**2).mean()),
+    }
+
+
+def contact_sheet(tiles: list[tuple[str, Image.Image]], columns: int = 4, tile: int = 192) -> Image.Image:
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, image) in enumerate(tiles):
+        x, y = (i % columns) * tile, (i // columns) * (tile + 18)
+        sheet.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (x, y + 18))
+        draw.text((x + 4, y + 3), label[:30], fill="black")
+    return sheet
+
+
+# -- dt generate ---------------------------------------------------------------------------------------------
+def _job(args: argparse.Namespace) -> dict[str, Any]:
+    job: dict[str, Any] = {}
+    if args.job:
+        text = Path(args.job).read_text()
+        if args.job.endswith((".yaml", ".yml")):
+            import yaml
+
+            job = yaml.safe_load(text) or {}
+        else:
+            job = json.loads(text)
+    cli = {
+        "prompt": args.prompt or None,
+        "base": args.base,
+        "steps": args.steps,
+        "seed": args.seed,
+        "size": args.size,
+        "guidance": args.guidance,
+        "out": args.out,
+    }
+    job.update({k: v for k, v in cli.items() if v is not None})
+    job["templates"] = list(job.get("templates") or []) + parse_template_args(args.template)
+    job["negative_templates"] = list(job.get("negative_templates") or []) + parse_template_args(
+        args.negative_template
+    )
+    return job
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import TemplatePipeline
+
+    job = _job(args)
+    base = load_base(job.get("base"))
+    print(f"base model: {base.description}")
+    kwargs = dict(base.call_kwargs)
+    if job.get("steps"):
+        kwargs["num_inference_steps"] = job["steps"]
+    if job.get("size"):
+        kwargs["height"] = kwargs["width"] = job["size"]
+    if job.get("guidance") is not None:
+        kwargs["guidance_scale"] = job["guidance"]
+    kwargs.update(job.get("pipeline_kwargs") or {})
+    tp = TemplatePipeline(base.pipe)
+    base.pipe.set_progress_bar_config(disable=False)
+    image = tp(
+        prompt=job.get("prompt") or base.prompts[0],
+        templates=job["templates"],
+        negative_templates=job["negative_templates"],
+        generator=torch.Generator().manual_seed(int(job.get("seed", 0))),
+        **kwargs,
+    ).images[0]
+    out = Path(job.get("out", "out.png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+# -- dt demo ------------------------------------------------------------------------------------------
+def _demo_inputs(plugin: Any, base_image: Image.Image) -> dict[str, Any]:
+    """A template's demo inputs: its ``demo_inputs`` (a dict, or a function of the base image)."""
+    inputs = getattr(plugin, "demo_inputs", None)
+    if callable(inputs):
+        return dict(inputs(base_image))
+    return dict(inputs or {})
+
+
+def demo(args: argparse.Namespace, host: PluginHost | None = None) -> int:
+    import torch
+
+    from .errors import TemplateError
+    from .pipeline import TemplatePipeline
+
+    started = time.perf_counter()
+    host = host or default_host()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_base(args.base)
+    kwargs = dict(base.call_kwargs)
+    if args.steps:
+        kwargs["num_inference_steps"] = args.steps
+    tp = TemplatePipeline(base.pipe, plugins=host)
+    prompt = base.prompts[0]
+
+    def render(templates: list[dict[str, Any]]) -> Image.Image:
+        return tp(
+            prompt=prompt, templates=templates, generator=torch.Generator().manual_seed(0), **kwargs
+        ).images[0]
+
+    print(f"base model: {base.description}")
+    runs: list[tuple[str, list[dict[str, Any]]]] = []
+    base_image = render([])
+    tiles, rows, skipped = [("base", base_image)], [("base", image_stats(base_image))], []
+    names = host.names("template")
+    for name in names:
+        try:
+            runs.append((name, [{"template": name, **_demo_inputs(host.get("template", name), base_image)}]))
+        except TemplateError as exc:
+            skipped.append((name, str(exc)))
+    for combo in FUSIONS:
+        if all(n in names for n in combo):
+            specs = [s for n in combo for label, group in runs if label == n for s in group]
+            runs.append((" + ".join(combo), specs))
+    for i, (label, specs) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {label}")
+        try:
+            image = render(specs)
+        except TemplateError as exc:
+            skipped.append((label, str(exc)))
+            continue
+        image.save(out / f"{label.replace(' + ', '+')}.png")
+        tiles.append((label, image))
+        rows.append((label, image_stats(image)))
+    base_image.save(out / "base.png")
+    contact_sheet(tiles).save(out / "contact_sheet.png")
+    elapsed = time.perf_counter() - started
+    (out / "report.md").write_text(_report(base.description, prompt, rows, skipped, elapsed))
+    print(f"wrote {out / 'contact_sheet.png'} and {out / 'report.md'} ({elapsed:.1f} s)")
+    return 0
+
+
+def _report(description: str, prompt: str, rows, skipped, elapsed: float) -> str:
+    lines = [
+        "# Diffusion Templates demo",
+        "",
+        f"Base model: {description}.",
+        "",
+        f"Prompt: `{prompt}`",
+        "",
+        "Measured on each output image (pixel values in [0, 1]; Δ = change from the base image):",
+        "",
+        "| run | luminance | Δ luminance | mean R | mean G | mean B | HF energy | Δ HF energy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ref = rows[0][1]
+    for label, s in rows:
+        lines.append(
+            f"| {label} | {s['luminance']:.3f} | {s['luminance'] - ref['luminance']:+.3f} | {s['r']:.3f} "
+            f"| {s['g']:.3f} | {s['b']:.3f} | {s['hf_energy']:.4f} "
+            f"| {s['hf_energy'] - ref['hf_energy']:+.4f} |"
+        )
+    if len(rows) == 1:
+        lines += [
+            "",
+            "No template plugins are installed: `pip install -e plugins/dt-template-<name>` adds one.",
+        ]
+    for label, why in skipped:
+        lines += ["", f"Skipped {label}: {why}"]
+    lines += ["", f"Total time: {elapsed:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    return generate(args) if args.command == "generate" else demo(args)

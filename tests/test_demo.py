@@ -1,0 +1,46 @@
+"""dt demo and dt generate run end to end on the tiny default and write what they promise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from PIL import Image
+
+from diffusion_templates import demo
+
+
+def test_demo_writes_contact_sheet_and_report(tmp_path):
+    args = argparse.Namespace(command="demo", out=str(tmp_path / "demo"), steps=2, base=None)
+    assert demo.main(args) == 0
+    sheet = Image.open(tmp_path / "demo" / "contact_sheet.png")
+    assert sheet.width > 0 and sheet.height > 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "RANDOM weights" in report
+    # The test-only templates on sys.path are installed plugins too: each gets a row with its numbers.
+    assert "| base |" in report and "| test-kv |" in report and "| test-lora |" in report
+    assert "Skipped test-flaky" in report  # a failing plugin is reported, not fatal
+
+
+def test_generate_parses_template_arguments_and_job_file(tmp_path):
+    job = tmp_path / "job.json"
+    spec = {"prompt": "a blue square", "templates": [{"template": "test-lora", "rank": 2}]}
+    job.write_text(json.dumps(spec))
+    args = argparse.Namespace(
+        command="generate",
+        prompt="",
+        template=[["test-kv", "scale=0.5", "length=2"]],
+        negative_template=[],
+        base=None,
+        steps=2,
+        seed=0,
+        size=None,
+        guidance=None,
+        job=str(job),
+        out=str(tmp_path / "out.png"),
+    )
+    assert demo.main(args) == 0
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
+    assert demo.parse_template_args([["t", "a=1", "b=x.png", "c=[1, 2]"]]) == [
+        {"template": "t", "a": 1, "b": "x.png", "c": [1, 2]}
+    ]
