@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
-PLUGINS_DIR = Path(__file__).parent / "plugins"
+TESTS_DIR = Path(__file__).parent
+PLUGINS_DIR = TESTS_DIR / "plugins"
 
 # tests/plugins holds the test-only plugin package and its *.dist-info (entry points, metadata):
 # on sys.path it is found by importlib.metadata exactly like a pip-installed distribution.
 sys.path.insert(0, str(PLUGINS_DIR))
+# pytest runs in importlib mode (several packages have a tests/ folder): make `import helpers` work.
+sys.path.insert(0, str(TESTS_DIR))
 importlib.invalidate_caches()
 
 
@@ -24,10 +27,6 @@ def _fresh_plugin_host():
     reset_default_host()
     yield
     reset_default_host()
-
-
-FAMILIES = ["flux2_klein", "flux", "sd3", "qwen_image", "sdxl"]
-"""Tiny pipeline families with a backbone adapter (testing/tiny.py builds them offline)."""
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,9 @@ import torch
 
 from diffusion_templates.testing.tiny import tiny_call_kwargs
 
+FAMILIES = ["flux2_klein", "flux", "sd3", "qwen_image", "sdxl"]
+"""Tiny pipeline families with a backbone adapter (testing/tiny.py builds them offline)."""
+
 
 def run(pipe_or_tp, family: str, *, cfg: bool = True, output_type: str = "latent", seed: int = 0, **kwargs):
     """One fast deterministic call; returns the output images/latents tensor-or-array."""

@@ -8,11 +8,10 @@ import diffusers.models.transformers.transformer_qwenimage as transformer_qwenim
 import pytest
 import torch
 
-from conftest import FAMILIES
 from diffusion_templates import TemplatePipeline
 from diffusion_templates.testing.snapshot import assert_pipeline_unchanged, pipeline_state
 from diffusion_templates.testing.tiny import TINY_PIPELINES
-from helpers import hand_written_kv, run
+from helpers import FAMILIES, hand_written_kv, run
 
 # The transformer modules whose imported ``dispatch_attention_fn`` the reference replaces
 # (SD3 and the UNet go through attention_processor's F.scaled_dot_product_attention instead).

@@ -6,13 +6,12 @@ import pytest
 import torch
 from dt_test_templates import random_lora
 
-from conftest import FAMILIES
 from diffusion_templates import LoraCache, TemplatePipeline
 from diffusion_templates.carriers.lora import LoraCarrier
 from diffusion_templates.context import CallState, InjectionTarget
 from diffusion_templates.testing.snapshot import assert_pipeline_unchanged, pipeline_state
 from diffusion_templates.testing.tiny import TINY_PIPELINES
-from helpers import run
+from helpers import FAMILIES, run
 
 TARGETS_A = [
     "transformer_blocks.0.attn.to_q",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES
 from diffusion_templates import TemplatePipeline
-from helpers import run
+from helpers import FAMILIES, run
 
 
 def record_branch_outputs(pipe, family, tp=None, **kwargs):

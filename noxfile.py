@@ -1,0 +1,69 @@
+"""Sessions: the whole suite, each plugin alone, the SDK alone, the demo, benchmarks, lint.
+
+Every session installs torch from constraints.txt (the CPU build on these machines' disk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PLUGINS = sorted(p.name for p in (ROOT / "plugins").glob("dt-*") if (p / "pyproject.toml").exists())
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _host(session: nox.Session, *extra: str) -> None:
+    session.install("-c", "constraints.txt", "torch==2.13.0", "-e", ".", *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite (what .ci/run runs), in one environment with everything installed."""
+    session.install("-r", "requirements-dev.txt")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("plugin", PLUGINS)
+def plugin(session: nox.Session, plugin: str) -> None:
+    """One plugin alone next to the host (and the SDK's conformance kit), with its own tests."""
+    _host(session, "-e", "./sdk", "-e", f"./plugins/{plugin}", "pytest")
+    session.run("dt", "list")
+    session.run("pytest", f"plugins/{plugin}", *session.posargs)
+
+
+@nox.session
+def sdk(session: nox.Session) -> None:
+    """The SDK alone next to the host."""
+    _host(session, "-e", "./sdk", "pytest")
+    session.run("pytest", "sdk/tests", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """`dt demo` with every plugin installed (writes dt-demo/contact_sheet.png and report.md)."""
+    session.install("-r", "requirements-dev.txt")
+    session.run("dt", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against diffusers' own mechanisms; writes docs/performance.md."""
+    session.install("-r", "requirements-dev.txt")
+    session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session(name="support-matrix")
+def support_matrix(session: nox.Session) -> None:
+    """Regenerate docs/support-matrix.md from the installed adapters and carriers."""
+    session.install("-r", "requirements-dev.txt")
+    session.run("python", "-m", "diffusion_templates.support_matrix", "docs/support-matrix.md")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
