@@ -8,7 +8,7 @@ from dt_test_templates import random_lora
 
 from diffusion_templates import LoraCache, TemplatePipeline
 from diffusion_templates.carriers.lora import LoraCarrier
-from diffusion_templates.context import CallState, InjectionTarget
+from diffusion_templates.context import CURRENT_CALL, CallState, InjectionTarget
 from diffusion_templates.testing.snapshot import assert_pipeline_unchanged, pipeline_state
 from diffusion_templates.testing.tiny import TINY_PIPELINES
 from helpers import FAMILIES, run
@@ -92,6 +92,7 @@ def test_merged_disjoint_loras_equal_applying_one_after_the_other(flux2_pipe):
     ]
     from diffusion_templates.injection import BranchTracker
 
+    token = CURRENT_CALL.set(call)
     with BranchTracker(tp.adapter, call):
         for injection in injections:
             injection.apply()
@@ -100,6 +101,7 @@ def test_merged_disjoint_loras_equal_applying_one_after_the_other(flux2_pipe):
         finally:
             for injection in reversed(injections):
                 injection.remove()
+            CURRENT_CALL.reset(token)
     assert torch.equal(merged, sequential)
     peft = _with_peft(
         flux2_pipe,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +30,22 @@ class CallState:
     branch: CallBranch = "cond"
     denoiser_calls: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        """Whether the code running now belongs to this call."""
+        return CURRENT_CALL.get() is self
+
+    def reaches(self, branch: str) -> bool:
+        """Whether a cache for ``branch`` ("cond"/"uncond") applies to the denoiser call running now
+        as a whole (the batched case, where it applies to one half, is handled by the carriers)."""
+        return self.active and self.branch == branch
+
+
+#: The TemplatePipeline call running in this thread/task. Injection hooks sit on shared modules for
+#: the duration of a call; they act only when the module runs inside *their* call, so a bare call of
+#: the same pipeline from another thread never sees them.
+CURRENT_CALL: ContextVar[CallState | None] = ContextVar("dt_current_call", default=None)
 
 
 @dataclass

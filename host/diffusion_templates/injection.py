@@ -142,6 +142,8 @@ class _BranchHook(ModelHook):
         self.state_manager = StateManager(_NoState)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        if not self.call.active:
+            return args, kwargs
         context = self.state_manager._context
         if self.batched_cfg and getattr(self.pipe, "do_classifier_free_guidance", False):
             self.call.branch = "batched"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,26 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .cache import TemplateCache
-from .context import CallState, EncodeContext, InjectionTarget
+from .context import CURRENT_CALL, CallState, EncodeContext, InjectionTarget
 from .errors import PluginError, TemplateInputError, UnsupportedError
 from .injection import BranchTracker, Injection, compose_step_callbacks, registry_cache_guard
 from .plugins import PluginHost, default_host
 
 TemplateSpec = Mapping[str, Any] | str | TemplateCache
+
+# One lock per denoiser module: injections hook into its submodules for a whole call, and two
+# pipelines may share one denoiser (``from_pipe``). Calls that inject into the same weights are
+# serialised; calls on different denoisers run in parallel.
+_denoiser_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def denoiser_lock(denoiser: Any) -> threading.RLock:
+    with _locks_guard:
+        lock = _denoiser_locks.get(denoiser)
+        if lock is None:
+            lock = _denoiser_locks[denoiser] = threading.RLock()
+        return lock
 
 
 @dataclass
@@ -53,9 +68,6 @@ class TemplatePipeline:
         self.pipe = pipe
         self.plugins = plugins or default_host()
         self.adapter = self.plugins.adapter_for(pipe)
-        # Injections patch this pipeline's modules for the duration of a call: calls on one
-        # TemplatePipeline are serialised. For concurrency use one pipeline per worker (from_pipe).
-        self._lock = threading.RLock()
 
     def __getattr__(self, name: str) -> Any:
         if name == "pipe":
@@ -191,12 +203,14 @@ class TemplatePipeline:
         negative_templates: Iterable[TemplateSpec] | None = None,
         **kwargs: Any,
     ) -> Any:
-        with self._lock:
-            call = CallState()
-            injections = self.prepare(templates or (), negative_templates or (), call)
-            if not injections:
-                return self.pipe(*args, **kwargs)
+        call = CallState()
+        injections = self.prepare(templates or (), negative_templates or (), call)
+        if not injections:
+            return self.pipe(*args, **kwargs)
+        with denoiser_lock(self.adapter.denoiser):
+            token = CURRENT_CALL.set(call)
             with contextlib.ExitStack() as stack:
+                stack.callback(CURRENT_CALL.reset, token)
                 stack.enter_context(registry_cache_guard(self.adapter.denoiser))
                 stack.enter_context(BranchTracker(self.adapter, call))
                 for injection in injections:

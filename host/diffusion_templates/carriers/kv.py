@@ -65,6 +65,8 @@ class _ExtraKVHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         branch = self.call.branch
+        if not self.call.active:  # another thread's call of the same modules
+            return self.fn_ref.original_forward(*args, **kwargs)
         if branch == "batched":  # [uncond, cond] in one batch: our half only
             segment = Segment(self.key, self.value, half=self.branch)
         elif branch == self.branch:

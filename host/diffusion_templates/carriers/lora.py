@@ -116,6 +116,8 @@ class _LoraHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any):
         result = self.fn_ref.original_forward(x, *args, **kwargs)
+        if not self.call.active:  # another thread's call of the same modules
+            return result
         if self.call.branch == "batched":  # [uncond, cond] in one batch: add to our half only
             n = x.shape[0] // 2
             if self.branch == "cond":
