@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TemplateError(Exception):
     """Base class of every error raised by Diffusion Templates."""
@@ -36,6 +38,23 @@ class TemplateInputError(TemplateError, ValueError):
         super().__init__("\n".join(lines))
         self.template = template
         self.errors = errors
+
+    @classmethod
+    def from_validation_error(cls, template: str, exc: Any) -> TemplateInputError:
+        """From a pydantic ``ValidationError``: one (field path, message, value) per problem."""
+        errors = [(".".join(str(p) for p in e["loc"]) or "<inputs>", e["msg"], e.get("input"))
+                  for e in exc.errors()]
+        return cls(template, errors)
+
+
+def validate_inputs(template: str, schema: Any, fields: Any) -> Any:
+    """``schema.model_validate(fields)``, with errors as :class:`TemplateInputError` naming the template."""
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        raise TemplateInputError.from_validation_error(template, exc) from None
 
 
 class CacheError(TemplateError, ValueError):

@@ -224,6 +224,7 @@ class PluginHost:
                 distribution=distribution,
                 version="",
                 carriers=tuple(getattr(obj, "carriers", ()) or ()),
+                backbones=tuple(b for b in getattr(obj, "backbones", ()) or () if b != "*"),
                 status="loaded",
             )
             if inspect.isclass(obj) and kind != "backbone":

@@ -13,6 +13,7 @@ Its work is split as the paper's two-stage training needs: :meth:`TemplateModel.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -65,8 +66,14 @@ class TemplateModel(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def process_inputs(self, inputs: BaseModel, context: EncodeContext | None = None) -> dict[str, Any]:
-        """Everything that needs no gradient (stage 1 of split training). Returns ``forward`` kwargs."""
-        return dict(inputs)
+        """Everything that needs no gradient (stage 1 of split training). Returns ``forward`` kwargs.
+
+        Default: the input fields that ``forward`` takes by name (others, e.g. a weights path, stay out).
+        """
+        params = inspect.signature(self.forward).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return dict(inputs)
+        return {k: v for k, v in dict(inputs).items() if k in params}
 
     def encode(self, inputs: BaseModel, context: EncodeContext | None = None) -> Any:
         """Inference: ``forward(**process_inputs(...))`` without gradients."""
