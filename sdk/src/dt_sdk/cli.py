@@ -1,0 +1,50 @@
+"""``dt new``: the host CLI loads :func:`register` from the ``diffusion_templates.commands`` group.
+
+``python -m dt_sdk new ...`` runs the same command without the host CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .generate import TemplateGenerationError, new_template, template_carriers
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``new`` to the host CLI's sub-commands (its ``func`` returns an exit code)."""
+    parser = subparsers.add_parser(
+        "new", help="create a template package (dt-template-NAME/) ready to pip install and test",
+        description="Create dt-template-NAME/: a template plugin package with an input schema, a Template "
+                    "model, the plugin class, pyproject metadata for `dt list` and conformance tests.")
+    parser.add_argument("name", help="template name: lowercase letters, digits and dashes (e.g. my-glow)")
+    parser.add_argument("--carrier", choices=template_carriers(), default=None,
+                        help="how the template reaches the model (default: kv)")
+    parser.add_argument("--output-dir", type=Path, default=Path("."),
+                        help="folder in which dt-template-NAME/ is created (default: the current folder)")
+    parser.add_argument("--author", default=None, help="author name for pyproject.toml")
+    parser.add_argument("--no-input", action="store_true",
+                        help="ask nothing: use the template's defaults for values not given "
+                             "(also the case when standard input is not a terminal)")
+    parser.set_defaults(func=run_new)
+
+
+def run_new(args: argparse.Namespace) -> int:
+    no_input = args.no_input or not sys.stdin.isatty()
+    try:
+        path = new_template(args.name, args.carrier, output_dir=args.output_dir, author=args.author,
+                            no_input=no_input)
+    except TemplateGenerationError as exc:
+        print(f"dt new: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"created {path}\n\nnext:\n  cd {path}\n  pip install -e \".[test]\"\n  pytest\n  dt list")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dt_sdk", description="dt-sdk commands (also `dt new`).")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,23 @@
+"""Input schema of the {{ cookiecutter.name }} template: what a user passes in a template spec.
+
+    {"template": "{{ cookiecutter.name }}", "scale": 1.0, "tokens": 4}
+
+``TemplateInputs`` forbids unknown fields and validates on assignment. Every constraint here is
+checked before the model runs: a bad value fails with a ``TemplateInputError`` that names the
+template and the field.
+"""
+
+from __future__ import annotations
+
+from diffusion_templates import TemplateInputs
+from pydantic import Field
+
+
+class {{ cookiecutter.class_prefix }}Inputs(TemplateInputs):
+    scale: float = Field(1.0, ge=0, le=2, description="Strength of the effect, 0 to 2.")
+    tokens: int = Field(4, ge=1, le=64, description="Number of extra key/value tokens per attention layer.")
+    weights: str | None = Field(
+        None,
+        description="Local folder (or hub id) of trained weights, saved with save_pretrained. "
+        "Without it, an untrained model sized for the pipeline is used.",
+    )

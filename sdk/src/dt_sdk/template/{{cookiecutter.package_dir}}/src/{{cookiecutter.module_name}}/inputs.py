@@ -1,0 +1,1 @@
+{% include "carriers/" ~ cookiecutter.carrier ~ "/inputs.py" %}
