@@ -251,7 +251,8 @@ def test_list_imports_nothing_heavy(sites: dict[str, list[str]]) -> None:
 def test_python_m_runs_the_cli(sites: dict[str, list[str]]) -> None:
     result = run(sites["good"], "-m", "diffusion_templates", "list", "--kind", "template", exe=(PYTHON,))
     assert result.returncode == 0, result.stderr
-    assert [line.split()[1] for line in result.stdout.splitlines()[1:]] == ["good", "other"]
+    # Other installed templates (the zoo) may be listed too; the fake ones must be there.
+    assert {"good", "other"} <= {line.split()[1] for line in result.stdout.splitlines()[1:]}
 
 
 # (b) (c) (d) broken plugins are reported by `dt doctor` and skipped --------------------------------------
@@ -369,7 +370,7 @@ def test_info_carrier_and_backbone(heavy: dict[str, dict[str, Any]]) -> None:
     assert {"flux", "flux2"} <= set(backbones.split(", "))
     flux2 = json.loads(heavy["info_flux2_json"]["out"])
     assert flux2["describe"]["name"] == "flux2" and "kv" in flux2["describe"]["carriers"]
-    assert flux2["templates"] == ["good", "mismatch"]
+    assert {"good", "mismatch"} <= set(flux2["templates"])
 
 
 def test_info_on_broken_plugins_is_a_clean_error(heavy: dict[str, dict[str, Any]]) -> None:
@@ -441,7 +442,8 @@ def test_info_unknown_name(sites: dict[str, list[str]]) -> None:
     assert "Traceback" not in result.stderr
     unknown_template = run(sites["good"], "info", "nosuch", "--kind", "template",
                            exe=(PYTHON, "-m", "diffusion_templates"))
-    assert unknown_template.returncode == 2 and "templates: good, other" in unknown_template.stderr
+    assert unknown_template.returncode == 2 and "available templates: " in unknown_template.stderr
+    assert "good" in unknown_template.stderr and "other" in unknown_template.stderr
 
 
 def test_demo_and_generate_dispatch(sites: dict[str, list[str]]) -> None:

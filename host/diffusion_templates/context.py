@@ -30,6 +30,8 @@ class CallState:
     branch: CallBranch = "cond"
     denoiser_calls: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """The wrapped pipeline call's arguments, for checks in ``inject`` (size of the image, ...); read only."""
 
     @property
     def active(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -129,6 +130,26 @@ class _NoState(BaseState):
         pass
 
 
+class _PerThreadContext(StateManager):
+    """A StateManager whose cache context is per thread (a context variable).
+
+    diffusers' ``cache_context`` stores the context on the hooks' state managers, i.e. on the shared
+    module; a bare call of the same pipeline in another thread would overwrite the name our call
+    reads. Each thread sets and reads its own here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_NoState)
+        self._context_var: ContextVar = ContextVar("dt_cache_context", default=None)
+
+    def set_context(self, context: Any) -> None:
+        self._context_var.set(context)
+
+    @property
+    def current(self) -> Any:
+        return self._context_var.get()
+
+
 class _BranchHook(ModelHook):
     """Reads diffusers' cache context ("cond"/"uncond") at every denoiser call."""
 
@@ -139,12 +160,12 @@ class _BranchHook(ModelHook):
         self.call = call
         self.pipe = pipe
         self.batched_cfg = batched_cfg
-        self.state_manager = StateManager(_NoState)
+        self.state_manager = _PerThreadContext()
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         if not self.call.active:
             return args, kwargs
-        context = self.state_manager._context
+        context = self.state_manager.current
         if self.batched_cfg and getattr(self.pipe, "do_classifier_free_guidance", False):
             self.call.branch = "batched"
             self.call.extras["saw_uncond"] = True

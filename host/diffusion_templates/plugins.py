@@ -251,11 +251,20 @@ class PluginHost:
     def call(self, kind: str, name: str, hook: str, **kwargs: Any) -> Any:
         """Call ``hook`` on the one plugin that owns ``name`` (no other plugin sees the call)."""
         owner = self.get(kind, name)
-        others = [p for p in self.pm.get_plugins() if p is not owner]
-        caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
         info = self.info(kind, name)
-        if not caller.get_hookimpls():
+        # Only the owner's implementations, newest first as pluggy orders them (firstresult). Selected
+        # here rather than with pm.subset_hook_caller, whose filtering differs across pluggy versions.
+        impls = [impl for impl in getattr(self.pm.hook, hook).get_hookimpls() if impl.plugin is owner]
+        if not impls:
             raise PluginError(f"implements no {hook!r} hook", plugin=name, distribution=info.distribution)
+
+        def caller(**kw: Any) -> Any:
+            for impl in reversed(impls):
+                result = impl.function(*(kw[arg] for arg in impl.argnames))
+                if result is not None:
+                    return result
+            return None
+
         try:
             return caller(**kwargs)
         except Exception as exc:

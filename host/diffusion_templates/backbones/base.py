@@ -29,6 +29,8 @@ class BackboneAdapter:
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     cfg_style: ClassVar[Literal["sequential", "batched", "none"]] = "sequential"
     carriers: ClassVar[frozenset[str]] = frozenset()
+    #: Why a known carrier is *not* in ``carriers`` (shown by ``dt info`` and the support matrix).
+    unsupported_reasons: ClassVar[dict[str, str]] = {}
     lora_prefix: ClassVar[str] = "transformer"
 
     def __init__(self, pipe: Any):
@@ -72,6 +74,7 @@ class BackboneAdapter:
             "pipelines": list(cls.pipeline_classes),
             "cfg_style": cls.cfg_style,
             "carriers": sorted(cls.carriers),
+            "unsupported": dict(cls.unsupported_reasons),
         }
 
 

@@ -1,0 +1,623 @@
+"""The ``residual`` carrier: per-block residuals added to the denoiser's hidden states, ControlNet style.
+
+Cache: a list of *entries*, each a source of residuals with its own ``conditioning_scale`` and step
+window (``start``/``end``, fractions of the denoising, as diffusers' ``control_guidance_start/end``):
+
+* a ControlNet (an in-memory module, not saved, or ``controlnet``: a folder or hub id loaded with
+  ``from_pretrained``) with its prepared control conditioning in ``control[<entry>]`` (what
+  diffusers' ControlNet pipeline of that family feeds the ControlNet, e.g. packed VAE latents for
+  FLUX.1). ControlNet residuals depend on the step, so the ControlNet runs at every denoiser call,
+  on the denoiser's own inputs;
+* or static residuals ``residuals["<entry>/<group>/<k>"]`` (e.g. ``0/double/1``), fixed per-block
+  tensors a template computed once. They are scaled like a ControlNet's output.
+
+Injection: a ``ModelHook`` on the denoiser computes, per call, ``sum_e scale_e * keep_e(step) * r_e``
+and passes it through the denoiser's native ControlNet kwargs (FLUX.1/Qwen-Image
+``controlnet_block_samples``..., SD3 ``block_controlnet_hidden_states``, SDXL
+``down_block_additional_residuals``/``mid_block_additional_residual``), exactly as diffusers'
+ControlNet pipelines do: with sequential CFG the ControlNets run once per step on the conditional
+inputs and the unconditional call reuses their residuals; with batched CFG they see the doubled
+batch (SDXL ``guess_mode``: the conditional half only, zeros for the other).
+Merge: the entries of all caches, in order; at run time their residuals are summed per block, as
+diffusers' MultiControlNet sums its nets' outputs. Entries whose residual counts differ are mapped
+to the denoiser's blocks first (diffusers' block-interval rule), then summed per block.
+
+Adapters opt in by listing ``"residual"`` in ``carriers`` and implementing the methods of
+:class:`ResidualAdapter`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..cache import TemplateCache
+from ..context import InjectionTarget
+from ..errors import CacheError, UnsupportedError
+from ..injection import HookSet, Injection, unique_hook_name
+from .base import Carrier, joined_template_names
+
+# --------------------------------------------------------------------------- adapter protocol
+
+
+class ResidualSlots(NamedTuple):
+    """Where one group of residuals goes in a denoiser (e.g. FLUX.1 ``double``/``single`` blocks).
+
+    ``blocks``: how many blocks of the group the denoiser has. ``exact``: a source must give
+    exactly one residual per block (SDXL); otherwise 1..``blocks`` residuals spread over the blocks
+    by diffusers' interval rule. ``required``: every source must give this group (SDXL needs both
+    ``down`` and ``mid``, or its UNet takes the residuals for T2I-Adapter ones).
+    """
+
+    blocks: int
+    exact: bool = False
+    required: bool = False
+
+
+Residuals = dict[str, list[torch.Tensor]]
+
+
+class ResidualAdapter(Protocol):
+    """What a backbone adapter implements to support the ``residual`` carrier."""
+
+    controlnet_classes: ClassVar[tuple[str, ...]]
+    """ControlNet classes (names) this backbone's diffusers ControlNet pipeline drives."""
+
+    residual_options: ClassVar[frozenset[str]]
+    """Which optional entry fields apply: ``"guess_mode"`` (SDXL), ``"control_mode"`` (FLUX union)."""
+
+    def residual_slots(self) -> dict[str, ResidualSlots]: ...
+
+    def residual_index(self, group: str, block: int, count: int, repeat: bool) -> int:
+        """Which of ``count`` residuals the denoiser adds after block ``block`` (diffusers' rule)."""
+
+    def residual_shape(self, group: str, index: int, height: int | None, width: int | None) -> tuple:
+        """Per-sample shape of residual ``index``; size-dependent dims are None when the size is."""
+
+    def residual_kwargs(self, residuals: Residuals, repeat: bool) -> dict[str, Any]:
+        """The denoiser kwargs carrying ``residuals``."""
+
+    def existing_residuals(self, inputs: dict[str, Any]) -> tuple[Residuals, bool] | None:
+        """Residuals the pipeline itself already passes to the denoiser (a ControlNet pipeline)."""
+
+    def check_controlnet(self, controlnet: torch.nn.Module, entry: ResidualEntry) -> dict[str, int]:
+        """Raise CacheError if ``controlnet`` does not fit the denoiser; return residuals per group."""
+
+    def control_shape(self, controlnet: torch.nn.Module, height: int, width: int) -> tuple[int, ...]:
+        """Per-sample shape of the prepared control conditioning for a ``height`` x ``width`` call."""
+
+    def prepare_control_image(self, image: Any, *, controlnet: torch.nn.Module, height: int, width: int,
+                              generator: torch.Generator | None = None, batch_size: int = 1,
+                              do_classifier_free_guidance: bool = False,
+                              guess_mode: bool = False) -> torch.Tensor:
+        """What diffusers' ControlNet pipeline does to its ``control_image`` before denoising."""
+
+    def controlnet_residuals(self, controlnet: torch.nn.Module, control: torch.Tensor, scale: float,
+                             inputs: dict[str, Any], entry: ResidualEntry) -> tuple[Residuals, bool]:
+        """Run ``controlnet`` on the denoiser call's ``inputs``; the residuals and the repeat flag."""
+
+
+def fit_batch(control: torch.Tensor, batch: int) -> torch.Tensor:
+    """A control conditioning of batch 1 expanded to ``batch``; one of batch ``batch`` as it is."""
+    if control.shape[0] == batch:
+        return control
+    if control.shape[0] == 1:
+        return control.expand(batch, *control.shape[1:])
+    raise CacheError(
+        f"residual cache: the control conditioning has batch {control.shape[0]}, the ControlNet call "
+        f"has batch {batch}; give batch 1 (applies to every image) or exactly {batch}"
+    )
+
+
+def adapter_supports_residuals(adapter: Any) -> bool:
+    return "residual" in getattr(adapter, "carriers", ()) and hasattr(adapter, "controlnet_residuals")
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class ResidualEntry(BaseModel):
+    """One source of residuals (its tensors live in the cache, under its index)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
+
+    controlnet: str | None = None
+    """A folder or hub id of the ControlNet, loaded with ``from_pretrained`` (safetensors only)."""
+    module: Any = Field(default=None, exclude=True)
+    """An in-memory ControlNet (never saved; set ``controlnet`` for a cache that can be saved)."""
+    conditioning_scale: float = 1.0
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+    guess_mode: bool = False
+    """SDXL: the ControlNet sees only the conditional half of a CFG batch (diffusers' guess_mode)."""
+    control_mode: int | None = None
+    """FLUX.1 union ControlNets: the control type index (diffusers' ``control_mode``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ResidualEntry:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be smaller than end ({self.end})")
+        if self.module is not None and not isinstance(self.module, torch.nn.Module):
+            raise ValueError(f"module must be a torch.nn.Module, got {type(self.module).__name__}")
+        return self
+
+    @property
+    def has_controlnet(self) -> bool:
+        return self.module is not None or self.controlnet is not None
+
+    def keep(self, step: int, steps: int) -> float:
+        """1.0 inside the step window, else 0.0: diffusers' ``controlnet_keep`` for step ``step``."""
+        return 1.0 - float(step / steps < self.start or (step + 1) / steps > self.end)
+
+
+class ResidualCache(TemplateCache):
+    carrier: ClassVar[str] = "residual"
+
+    entries: list[ResidualEntry]
+    control: dict[str, torch.Tensor] = Field(default_factory=dict)
+    """Prepared control conditioning of each ControlNet entry, by entry index (``"0"``)."""
+    residuals: dict[str, torch.Tensor] = Field(default_factory=dict)
+    """Static residuals, ``"<entry>/<group>/<k>"`` (e.g. ``"0/double/1"``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ResidualCache:
+        if not self.entries:
+            raise ValueError("residual cache: no entries")
+        ids = {str(i) for i in range(len(self.entries))}
+        if set(self.control) - ids:
+            raise ValueError(f"residual cache: control for unknown entries {sorted(set(self.control) - ids)}")
+        static: dict[str, dict[str, set[int]]] = {}
+        for key, tensor in {**self.control, **self.residuals}.items():
+            if not tensor.is_floating_point():
+                raise ValueError(f"residual cache: tensor {key!r} must be floating, got {tensor.dtype}")
+        for key in self.residuals:
+            parts = key.split("/")
+            if len(parts) != 3 or parts[0] not in ids or not parts[2].isdigit():
+                raise ValueError(
+                    f"residual cache: static residual key {key!r} is not '<entry>/<group>/<k>' "
+                    f"with an entry in 0..{len(self.entries) - 1}"
+                )
+            static.setdefault(parts[0], {}).setdefault(parts[1], set()).add(int(parts[2]))
+        for i, entry in enumerate(self.entries):
+            has_control, has_static = str(i) in self.control, str(i) in static
+            if entry.has_controlnet and not has_control:
+                raise ValueError(f"residual cache entry {i}: a ControlNet entry needs control[{str(i)!r}]")
+            if entry.has_controlnet and has_static:
+                raise ValueError(f"residual cache entry {i}: has both a ControlNet and static residuals")
+            if not entry.has_controlnet and has_control:
+                raise ValueError(
+                    f"residual cache entry {i}: has a control conditioning but no ControlNet (in-memory "
+                    "modules are not saved: set `controlnet` to its folder or hub id)"
+                )
+            if not entry.has_controlnet and not has_static:
+                raise ValueError(f"residual cache entry {i}: neither a ControlNet nor static residuals")
+            for group, indices in static.get(str(i), {}).items():
+                if indices != set(range(len(indices))):
+                    raise ValueError(
+                        f"residual cache entry {i}, group {group!r}: residual indices {sorted(indices)} "
+                        f"must be 0..{len(indices) - 1}"
+                    )
+        return self
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_controlnet(
+        cls,
+        controlnet: torch.nn.Module | str,
+        control: torch.Tensor,
+        *,
+        conditioning_scale: float = 1.0,
+        start: float = 0.0,
+        end: float = 1.0,
+        guess_mode: bool = False,
+        control_mode: int | None = None,
+        template: str | None = None,
+    ) -> ResidualCache:
+        """One ControlNet (a module, or a folder/hub id) with its prepared control conditioning."""
+        source = {"controlnet": controlnet} if isinstance(controlnet, str) else {"module": controlnet}
+        entry = ResidualEntry(
+            **source, conditioning_scale=conditioning_scale, start=start, end=end,
+            guess_mode=guess_mode, control_mode=control_mode,
+        )  # fmt: skip
+        return cls(entries=[entry], control={"0": control}, template=template)
+
+    @classmethod
+    def from_residuals(
+        cls,
+        residuals: Mapping[str, Sequence[torch.Tensor]],
+        *,
+        conditioning_scale: float = 1.0,
+        start: float = 0.0,
+        end: float = 1.0,
+        template: str | None = None,
+    ) -> ResidualCache:
+        """Fixed residuals per group (the adapter's groups, e.g. ``{"double": [r0, r1]}``)."""
+        flat = {f"0/{group}/{k}": t for group, tensors in residuals.items() for k, t in enumerate(tensors)}
+        entry = ResidualEntry(conditioning_scale=conditioning_scale, start=start, end=end)
+        return cls(entries=[entry], residuals=flat, template=template)
+
+    def static_residuals(self, entry: int) -> Residuals:
+        groups: dict[str, dict[int, torch.Tensor]] = {}
+        for key, tensor in self.residuals.items():
+            index, group, k = key.split("/")
+            if int(index) == entry:
+                groups.setdefault(group, {})[int(k)] = tensor
+        return {group: [tensors[k] for k in range(len(tensors))] for group, tensors in groups.items()}
+
+    def save(self, path: Any) -> None:
+        unsaved = [i for i, e in enumerate(self.entries) if e.module is not None and e.controlnet is None]
+        if unsaved:
+            raise CacheError(
+                f"residual cache from template {self.template!r}: entries {unsaved} hold in-memory "
+                "ControlNets, which are not saved; set their `controlnet` to a folder or hub id first"
+            )
+        super().save(path)
+
+
+# --------------------------------------------------------------------------- injection
+
+
+class _Plan(NamedTuple):
+    """One validated entry, ready to run: its ControlNet and control (or its static residuals)."""
+
+    index: int
+    entry: ResidualEntry
+    controlnet: torch.nn.Module | None
+    control: torch.Tensor | None
+    static: Residuals | None
+
+
+class _Contribution(NamedTuple):
+    residuals: Residuals
+    repeat: bool
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _bind(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The denoiser call's arguments by name (positional ones included)."""
+    klass = type(module)
+    if klass not in _SIGNATURES:
+        _SIGNATURES[klass] = inspect.signature(klass.forward)
+    bound = _SIGNATURES[klass].bind_partial(module, *args, **kwargs).arguments
+    bound.pop(next(iter(_SIGNATURES[klass].parameters)))  # self
+    return dict(bound)
+
+
+class _ResidualHook(ModelHook):
+    """Adds the residuals to every denoiser call; stateful, to read diffusers' cond/uncond context."""
+
+    _is_stateful = True
+
+    def __init__(self, injection: ResidualInjection):
+        super().__init__()
+        self.injection = injection
+        self.state_manager = StateManager(_NoState)
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        context = self.state_manager._context
+        uncond = context is not None and context.name == "uncond"
+        return (), self.injection.call_kwargs(module, args, kwargs, uncond)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+class ResidualInjection(Injection):
+    #: Steps are counted with the pipeline's step-end callback (diffusers' loop index ``i``).
+    step_tensor_inputs = ("latents",)
+
+    def __init__(self, plans: list[_Plan], template: str | None, target: InjectionTarget):
+        self.plans = plans
+        self.template = template
+        self.target = target
+        self.adapter = target.adapter
+        self.hooks = HookSet()
+        self.step = 0
+        self._cond: tuple[int, list[_Contribution]] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def update_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Check the control conditioning and static residuals against the call's image size.
+
+        The call's size is first known here (before the pipeline runs, after ``apply``); if the host
+        hands the call's kwargs to ``inject`` (``target.call.kwargs``) the check already ran there.
+        """
+        check_sizes(self.plans, self.template, self.target, kwargs)
+        return kwargs
+
+    def apply(self) -> None:
+        self.step, self._cond = 0, None
+        self.hooks.add(self.adapter.denoiser, _ResidualHook(self), unique_hook_name("residual"))
+
+    def remove(self) -> None:
+        self.hooks.remove_all()
+        self._cond = None
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        self.step = step + 1
+        return {}
+
+    # -- per denoiser call ---------------------------------------------------------------------
+    def _steps(self) -> int:
+        """diffusers' ``len(timesteps)`` of the loop that the window fractions refer to."""
+        scheduler = getattr(self.target.pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is not None and len(timesteps):
+            return len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)
+        return int(self.target.pipe._num_timesteps)
+
+    def call_kwargs(self, module: torch.nn.Module, args: tuple, kwargs: dict, uncond: bool) -> dict[str, Any]:
+        inputs = _bind(module, args, kwargs)
+        if uncond and self._cond is not None and self._cond[0] == self.step:
+            contributions = self._cond[1]  # diffusers runs the ControlNets once per step, on "cond"
+        else:
+            contributions = []
+            steps = self._steps()
+            for plan in self.plans:
+                scale = plan.entry.conditioning_scale * plan.entry.keep(self.step, steps)
+                if scale == 0:  # diffusers adds 0 * r: the same as adding nothing
+                    continue
+                if plan.controlnet is not None:
+                    contributions.append(
+                        _Contribution(
+                            *self.adapter.controlnet_residuals(
+                                plan.controlnet, plan.control, scale, inputs, plan.entry
+                            )
+                        )
+                    )
+                else:
+                    static = {g: [r * scale for r in rs] for g, rs in plan.static.items()}
+                    contributions.append(_Contribution(static, False))
+            if not uncond:
+                self._cond = (self.step, contributions)
+        existing = self.adapter.existing_residuals(inputs)
+        if existing is not None:
+            contributions = [_Contribution(*existing), *contributions]
+        if not contributions:
+            return inputs
+        residuals, repeat = combine(self.adapter, contributions)
+        return {**inputs, **self.adapter.residual_kwargs(residuals, repeat)}
+
+
+def check_sizes(plans: list[_Plan], template: str | None, target: InjectionTarget, kwargs: dict) -> None:
+    """Raise CacheError when a control conditioning or static residual does not fit the call's size."""
+    size = _call_size(target.pipe, target.adapter, kwargs)
+    if size is None:
+        return
+    height, width = size
+    adapter = target.adapter
+    for plan in plans:
+        if plan.controlnet is not None:
+            expected = adapter.control_shape(plan.controlnet, height, width)
+            checks = [("control conditioning", plan.control, expected)]
+        else:
+            checks = [
+                (f"residual {group}/{k}", tensor, adapter.residual_shape(group, k, height, width))
+                for group, tensors in plan.static.items()
+                for k, tensor in enumerate(tensors)
+            ]
+        for what, tensor, expected in checks:
+            if tuple(tensor.shape[1:]) != tuple(expected):
+                raise CacheError(
+                    f"residual cache from template {template!r}, entry {plan.index}: the {what} has shape "
+                    f"{tuple(tensor.shape)}; a {height}x{width} call needs "
+                    f"(batch, {', '.join(map(str, expected))}). Prepare it at the call's size"
+                )
+
+
+def combine(adapter: Any, contributions: list[_Contribution]) -> tuple[Residuals, bool]:
+    """Sum contributions per block, in order (diffusers' MultiControlNet sum).
+
+    Per group: when every contribution has the same residual count and repeat flag, residuals are
+    summed index by index (MultiControlNet exactly); otherwise each is first mapped to the
+    denoiser's blocks with ``adapter.residual_index`` and the result has one residual per block.
+    """
+    if len(contributions) == 1:
+        return contributions[0]
+    slots = adapter.residual_slots()
+    out: Residuals = {}
+    repeat = False
+    groups = list(dict.fromkeys(g for c in contributions for g in c.residuals))
+    for group in groups:
+        parts = [(c.residuals[group], c.repeat) for c in contributions if c.residuals.get(group)]
+        if len({(len(rs), rep) for rs, rep in parts}) == 1:
+            out[group] = [_fold(list(column)) for column in zip(*(rs for rs, _ in parts), strict=True)]
+            repeat = repeat or parts[0][1]
+            continue
+        memo: dict[tuple[int, ...], torch.Tensor] = {}
+        per_block = []
+        for block in range(slots[group].blocks):
+            key = tuple(adapter.residual_index(group, block, len(rs), rep) for rs, rep in parts)
+            if key not in memo:
+                memo[key] = _fold([rs[i] for (rs, _), i in zip(parts, key, strict=True)])
+            per_block.append(memo[key])
+        out[group] = per_block  # one per block: the identity under every interval rule
+    return out, repeat
+
+
+def _fold(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total
+
+
+def _call_size(pipe: Any, adapter: Any, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """The (height, width) a call will generate at, when it can be told before the call."""
+    height, width = kwargs.get("height"), kwargs.get("width")
+    if height is None or width is None:
+        if "image" in kwargs:  # image-to-image: the size comes from the input image
+            return None
+        if hasattr(adapter, "default_size"):
+            default_height, default_width = adapter.default_size()
+        elif getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
+            default_height = default_width = pipe.default_sample_size * pipe.vae_scale_factor
+        else:
+            return None
+        height, width = height or default_height, width or default_width
+    return int(height), int(width)
+
+
+# --------------------------------------------------------------------------- carrier
+
+
+class ResidualCarrier(Carrier):
+    name = "residual"
+    cache_class = ResidualCache
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str, str, str], torch.nn.Module] = {}
+
+    def supports(self, adapter: Any) -> bool:
+        return adapter_supports_residuals(adapter)
+
+    def merge_caches(self, caches: list[ResidualCache]) -> ResidualCache:
+        entries: list[ResidualEntry] = []
+        control: dict[str, torch.Tensor] = {}
+        residuals: dict[str, torch.Tensor] = {}
+        for cache in caches:
+            offset = len(entries)
+            entries.extend(cache.entries)
+            control.update({str(int(i) + offset): t for i, t in cache.control.items()})
+            for key, tensor in cache.residuals.items():
+                index, rest = key.split("/", 1)
+                residuals[f"{int(index) + offset}/{rest}"] = tensor
+        return ResidualCache(
+            entries=entries, control=control, residuals=residuals, template=joined_template_names(caches)
+        )
+
+    def injection(self, cache: ResidualCache, target: InjectionTarget) -> ResidualInjection:
+        adapter = target.adapter
+        if not adapter_supports_residuals(adapter):
+            raise UnsupportedError(f"backbone {adapter.name!r} does not support the residual carrier")
+        if target.branch != "cond":
+            raise UnsupportedError(
+                f"residual cache from template {cache.template!r} was given as a negative template: "
+                "ControlNet residuals apply to the whole denoiser call (both CFG branches, as in "
+                "diffusers' ControlNet pipelines); pass it in `templates`"
+            )
+        slots = adapter.residual_slots()
+        plans = []
+        for i, entry in enumerate(cache.entries):
+            where = f"residual cache from template {cache.template!r}, entry {i}"
+            for option in ("guess_mode", "control_mode"):
+                if getattr(entry, option) not in (None, False) and option not in adapter.residual_options:
+                    raise CacheError(f"{where}: {option} does not apply to backbone {adapter.name!r}")
+            if entry.has_controlnet:
+                controlnet = entry.module
+                if controlnet is None:
+                    controlnet = self._load(entry.controlnet, adapter)
+                control = cache.control[str(i)]
+                plans.append(self._controlnet_plan(i, entry, controlnet, control, target, where))
+            else:
+                static = cache.static_residuals(i)
+                _check_counts({g: len(rs) for g, rs in static.items()}, slots, adapter, where)
+                cast = {"device": adapter.device, "dtype": adapter.dtype}
+                for group, tensors in static.items():
+                    for k, tensor in enumerate(tensors):
+                        expected = tuple(adapter.residual_shape(group, k, None, None))
+                        got = tuple(tensor.shape[1:])
+                        fits = len(got) == len(expected) and all(
+                            e in (None, g) for e, g in zip(expected, got, strict=True)
+                        )
+                        if not fits:
+                            shown = ", ".join("?" if e is None else str(e) for e in expected)
+                            raise CacheError(
+                                f"{where}: residual {group}/{k} has shape {tuple(tensor.shape)}; backbone "
+                                f"{adapter.name!r} expects (batch, {shown})"
+                            )
+                static = {g: [t.to(**cast) for t in rs] for g, rs in static.items()}
+                plans.append(_Plan(i, entry, None, None, static))
+        call_kwargs = getattr(target.call, "kwargs", None)  # when the host passes the call's kwargs
+        if isinstance(call_kwargs, dict):
+            check_sizes(plans, cache.template, target, call_kwargs)
+        return ResidualInjection(plans, cache.template, target)
+
+    def _controlnet_plan(
+        self,
+        index: int,
+        entry: ResidualEntry,
+        controlnet: torch.nn.Module,
+        control: torch.Tensor,
+        target: InjectionTarget,
+        where: str,
+    ) -> _Plan:
+        adapter = target.adapter
+        classes = {k.__name__ for k in type(controlnet).__mro__}
+        if not classes & set(adapter.controlnet_classes):
+            raise CacheError(
+                f"{where}: holds a {type(controlnet).__name__}; backbone {adapter.name!r} runs "
+                f"{' or '.join(adapter.controlnet_classes)}"
+            )
+        try:
+            counts = adapter.check_controlnet(controlnet, entry)
+        except CacheError as exc:
+            raise CacheError(f"{where}: {exc}") from None
+        _check_counts(counts, adapter.residual_slots(), adapter, where)
+        param = next(controlnet.parameters())
+        if param.device != adapter.device:
+            raise CacheError(
+                f"{where}: the ControlNet is on {param.device}, the denoiser on {adapter.device}; "
+                "move it there"
+            )
+        return _Plan(index, entry, controlnet, control.to(device=param.device, dtype=param.dtype), None)
+
+    def _load(self, path: str, adapter: Any) -> torch.nn.Module:
+        import diffusers
+
+        klass = getattr(diffusers, adapter.controlnet_classes[0])
+        key = (path, klass.__name__, str(adapter.device), str(adapter.dtype))
+        if key not in self._loaded:
+            try:
+                module = klass.from_pretrained(path, torch_dtype=adapter.dtype, use_safetensors=True)
+            except Exception as exc:
+                raise CacheError(
+                    f"residual cache: cannot load {klass.__name__} from {path!r}: {exc}"
+                ) from exc
+            self._loaded[key] = module.to(adapter.device).eval()
+        return self._loaded[key]
+
+
+def _check_counts(counts: dict[str, int], slots: dict[str, ResidualSlots], adapter: Any, where: str) -> None:
+    unknown = sorted(set(counts) - set(slots))
+    if unknown:
+        raise CacheError(
+            f"{where}: residual groups {unknown} do not exist in backbone {adapter.name!r}; "
+            f"its groups are {list(slots)}"
+        )
+    for group, slot in slots.items():
+        count = counts.get(group, 0)
+        if slot.required and count == 0:
+            raise CacheError(f"{where}: backbone {adapter.name!r} needs residuals for group {group!r}")
+        if count == 0:
+            continue
+        if slot.exact and count != slot.blocks:
+            raise CacheError(
+                f"{where}: {count} residuals for group {group!r}; backbone {adapter.name!r} has exactly "
+                f"{slot.blocks} there"
+            )
+        if count > slot.blocks:
+            raise CacheError(
+                f"{where}: {count} residuals for group {group!r}, but backbone {adapter.name!r} has only "
+                f"{slot.blocks} blocks there (diffusers would silently drop the extra ones)"
+            )
+
+
+def interval_index(blocks: int, count: int, block: int) -> int:
+    """FLUX.1/Qwen-Image rule: block ``block`` of ``blocks`` gets residual ``block // ceil(blocks/count)``."""
+    return block // int(math.ceil(blocks / count))
