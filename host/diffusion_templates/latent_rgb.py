@@ -27,6 +27,7 @@ import json
 import logging
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -164,19 +165,34 @@ def heldout_images(size: int, *, seed: int = 1) -> torch.Tensor:
 # --------------------------------------------------------------------------- fitting
 
 
+@contextmanager
+def _reading_only(module: object):
+    """Drop the instance attributes a forward adds to ``module``'s submodules, so that fitting only reads
+    the VAE (Qwen-Image's VAE creates its conv caches, ``_feat_map`` and friends, on its first encode)."""
+    modules = list(module.modules()) if isinstance(module, torch.nn.Module) else []
+    before = [(m, set(m.__dict__)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, keys in before:
+            for key in set(m.__dict__) - keys:
+                del m.__dict__[key]
+
+
 @torch.no_grad()
 def _encode(adapter: BackboneAdapter, images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> latent grids (float64, CPU), through the adapter in chunks."""
     chunks = []
     step = max(1, _ENCODE_PIXELS // (images.shape[-2] * images.shape[-1]))
-    for start in range(0, images.shape[0], step):
-        batch = images[start : start + step].float() * 2 - 1
-        grid = adapter.encode_images(batch)
-        if grid.ndim != 4:
-            raise RuntimeError(
-                f"{adapter.name}: encode_images returned shape {tuple(grid.shape)}, not (B, C, h, w)"
-            )
-        chunks.append(grid.detach().to("cpu", torch.float64))
+    with _reading_only(getattr(getattr(adapter, "pipe", None), "vae", None)):
+        for start in range(0, images.shape[0], step):
+            batch = images[start : start + step].float() * 2 - 1
+            grid = adapter.encode_images(batch)
+            if grid.ndim != 4:
+                raise RuntimeError(
+                    f"{adapter.name}: encode_images returned shape {tuple(grid.shape)}, not (B, C, h, w)"
+                )
+            chunks.append(grid.detach().to("cpu", torch.float64))
     grids = torch.cat(chunks)
     if not torch.isfinite(grids).all():
         raise RuntimeError(
