@@ -30,7 +30,7 @@ def tests(session: nox.Session) -> None:
 @nox.parametrize("plugin", PLUGINS)
 def plugin(session: nox.Session, plugin: str) -> None:
     """One plugin alone next to the host (and the SDK's conformance kit), with its own tests."""
-    _host(session, "-e", "./sdk", "-e", f"./plugins/{plugin}", "pytest")
+    _host(session, "-e", "./sdk", "-e", f"./plugins/{plugin}[test]", "pytest")
     session.run("dt", "list")
     session.run("pytest", f"plugins/{plugin}", *session.posargs)
 
@@ -54,6 +54,14 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against diffusers' own mechanisms; writes docs/performance.md."""
     session.install("-r", "requirements-dev.txt")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """Faults, concurrency, plugin isolation, untrusted files and fuzzing at 5x the CI sizes
+    (``-- --scale N``); writes the table in docs/reliability.md."""
+    session.install("-r", "requirements-dev.txt")
+    session.run("python", "tests/reliability/report.py", *session.posargs)
 
 
 @nox.session(name="support-matrix")

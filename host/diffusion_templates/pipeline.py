@@ -16,6 +16,7 @@ Everything that can fail on bad input fails in steps 1-4, before the model is to
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import warnings
 import weakref
@@ -23,11 +24,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .cache import TemplateCache
 from .context import CURRENT_CALL, CallState, EncodeContext, InjectionTarget
-from .errors import PluginError, TemplateInputError, UnsupportedError
+from .errors import PluginError, TemplateInputError, UnsupportedError, validate_inputs
 from .injection import BranchTracker, Injection, compose_step_callbacks, registry_cache_guard
 from .plugins import PluginHost, default_host
 
@@ -64,10 +65,15 @@ class TemplatePipeline:
     own output type comes back. Attribute access falls through to the wrapped pipeline.
     """
 
-    def __init__(self, pipe: Any, *, plugins: PluginHost | None = None):
+    def __init__(self, pipe: Any, *, plugins: PluginHost | None = None, store: Any = "default"):
+        """``store``: where computed caches are kept and reused (``store.py``); default an in-memory
+        ``TemplateCacheStore()`` of 512 MiB for this pipeline, ``None`` computes every time."""
+        from .store import TemplateCacheStore
+
         self.pipe = pipe
         self.plugins = plugins or default_host()
         self.adapter = self.plugins.adapter_for(pipe)
+        self.store = TemplateCacheStore() if isinstance(store, str) and store == "default" else store
 
     def __getattr__(self, name: str) -> Any:
         if name == "pipe":
@@ -92,16 +98,17 @@ class TemplatePipeline:
                 "<unnamed>", [("template", "each template spec needs a 'template' name", spec)]
             )
         name = spec["template"]
+        if not isinstance(name, str):
+            raise TemplateInputError("<unnamed>", [("template", "a template name must be a string", name)])
         plugin = self.plugins.get("template", name)
         fields = {k: v for k, v in spec.items() if k != "template"}
         try:
-            inputs = plugin.Inputs.model_validate(fields)
-        except ValidationError as exc:
-            errors = [
-                (".".join(str(p) for p in e["loc"]) or "<inputs>", e["msg"], e.get("input"))
-                for e in exc.errors()
-            ]
-            raise TemplateInputError(name, errors) from None
+            inputs = validate_inputs(name, plugin.Inputs, fields)
+        except TemplateInputError:
+            raise
+        except Exception as exc:  # the plugin's own validator crashed on this input (e.g. OSError)
+            problem = f"the template's input validation raised {type(exc).__name__}: {exc}"
+            raise TemplateInputError(name, [("<inputs>", problem, fields)]) from exc
         self._check_backbone(name, plugin)
         return ResolvedTemplate(name, inputs)
 
@@ -123,10 +130,15 @@ class TemplatePipeline:
             )
 
     def encode(self, spec: TemplateSpec, *, negative: bool = False) -> list[TemplateCache]:
-        """Run one template (validate, ``encode``, ``to_cache``); returns its caches."""
+        """Run one template (validate, ``encode``, ``to_cache``), or take its caches from ``self.store``."""
         if isinstance(spec, TemplateCache):
             return [spec]
         resolved = self.resolve(spec)
+        if self.store is not None:
+            return self.store.fetch(self, resolved, lambda: self._run(resolved, negative), negative=negative)
+        return self._run(resolved, negative)
+
+    def _run(self, resolved: ResolvedTemplate, negative: bool) -> list[TemplateCache]:
         context = EncodeContext(
             pipe=self.pipe, adapter=self.adapter, template=resolved.name, negative=negative
         )
@@ -139,7 +151,7 @@ class TemplatePipeline:
             context=context,
         )
         if rep is None:
-            raise PluginError("encode returned nothing", plugin=resolved.name)
+            raise self._plugin_error("template", resolved.name, "encode returned nothing")
         caches = self.plugins.call(
             "template", resolved.name, "to_cache", template=resolved.name, representation=rep, context=context
         )
@@ -155,8 +167,8 @@ class TemplatePipeline:
                 if isinstance(caches, (list, tuple))
                 else type(caches).__name__
             )
-            raise PluginError(
-                f"to_cache must return TemplateCache objects, returned {got}", plugin=resolved.name
+            raise self._plugin_error(
+                "template", resolved.name, f"to_cache must return TemplateCache objects, returned {got}"
             )
         caches = list(caches)
         return [c if c.template else c.model_copy(update={"template": resolved.name}) for c in caches]
@@ -172,8 +184,18 @@ class TemplatePipeline:
             if len(group) == 1:
                 merged.append(group[0])
             else:
-                merged.append(self.plugins.call("carrier", carrier, "merge", carrier=carrier, caches=group))
+                cache = self.plugins.call("carrier", carrier, "merge", carrier=carrier, caches=group)
+                if not isinstance(cache, TemplateCache) or cache.carrier != carrier:
+                    got = getattr(cache, "carrier", None) or type(cache).__name__
+                    raise self._plugin_error(
+                        "carrier", carrier, f"merge must return a {carrier!r} cache, got {got}"
+                    )
+                merged.append(cache)
         return merged
+
+    def _plugin_error(self, kind: str, name: str, message: str) -> PluginError:
+        info = self.plugins.info(kind, name)
+        return PluginError(message, plugin=name, distribution=info.distribution if info else None)
 
     def prepare(
         self,
@@ -188,11 +210,16 @@ class TemplatePipeline:
             caches = [c for spec in specs or () for c in self.encode(spec, negative=branch == "uncond")]
             target = InjectionTarget(pipe=self.pipe, adapter=self.adapter, branch=branch, call=call)
             for cache in self.merge(caches):
-                injections.append(
-                    self.plugins.call(
-                        "carrier", cache.carrier, "inject", carrier=cache.carrier, cache=cache, target=target
-                    )
+                injection = self.plugins.call(
+                    "carrier", cache.carrier, "inject", carrier=cache.carrier, cache=cache, target=target
                 )
+                if not isinstance(injection, Injection):
+                    raise self._plugin_error(
+                        "carrier",
+                        cache.carrier,
+                        f"inject must return an Injection, got {type(injection).__name__}",
+                    )
+                injections.append(injection)
         return injections
 
     # -- step 5 ---------------------------------------------------------------------------------------------
@@ -203,11 +230,16 @@ class TemplatePipeline:
         negative_templates: Iterable[TemplateSpec] | None = None,
         **kwargs: Any,
     ) -> Any:
-        call = CallState()
-        injections = self.prepare(templates or (), negative_templates or (), call)
-        if not injections:
-            return self.pipe(*args, **kwargs)
+        if args:  # carriers read and rewrite the call's arguments by name
+            bound = inspect.signature(self.pipe.__call__).bind_partial(*args, **kwargs)
+            args, kwargs = (), dict(bound.arguments)
+        call = CallState(kwargs=dict(kwargs))
+        # Encoding runs under the lock too: template models may run the pipeline's VAE and text
+        # encoders, and some keep per-call state on their modules (Qwen-Image's VAE caches).
         with denoiser_lock(self.adapter.denoiser):
+            injections = self.prepare(templates or (), negative_templates or (), call)
+            if not injections:  # still serialised: it shares the scheduler and tokenizers
+                return self.pipe(*args, **kwargs)
             token = CURRENT_CALL.set(call)
             with contextlib.ExitStack() as stack:
                 stack.callback(CURRENT_CALL.reset, token)
@@ -218,10 +250,10 @@ class TemplatePipeline:
                     kwargs = injection.update_call_kwargs(kwargs)
                 kwargs = compose_step_callbacks(injections, kwargs)
                 output = self.pipe(*args, **kwargs)
-            if negative_templates and not call.extras.get("saw_uncond"):
-                warnings.warn(
-                    "negative_templates had no effect: the pipeline ran no unconditional (CFG) branch; "
-                    "enable real classifier-free guidance to use them",
-                    stacklevel=2,
-                )
-            return output
+        if negative_templates and not call.extras.get("saw_uncond"):
+            warnings.warn(
+                "negative_templates had no effect: the pipeline ran no unconditional (CFG) branch; "
+                "enable real classifier-free guidance to use them",
+                stacklevel=2,
+            )
+        return output

@@ -468,7 +468,11 @@ class TemplateConformance:
         if pooled is None or _snapshot_differences(pooled.snapshot, pooled.pipe):
             with single_thread():
                 pipe = build_tiny_pipeline(backbone, backbones=self.tiny_backbones)
-            # The warm-up call matters: diffusers adds a hook registry to the denoiser on first use.
+            # The warm-up calls matter: diffusers adds a hook registry to the denoiser on first use,
+            # and some VAEs (Qwen-Image's) add cache attributes on their first encode/decode.
+            with single_thread():
+                pipe(prompt=self.prompt, **tiny_call_kwargs_for(backbone, backbones=self.tiny_backbones,
+                                                                output_type="np"))
             baseline = self._call(pipe, backbone)
             pooled = _POOL[key] = _Pooled(pipe, _snapshot(pipe), baseline)
         return pooled
@@ -665,7 +669,12 @@ class TemplateConformance:
         if problems:
             _fail_problems(f"template {name!r} on backbone {backbone!r}", problems)
         try:
-            tp.prepare([self._spec()])
+            from diffusion_templates.context import CallState
+
+            # The call's own arguments (its size above all) are what carriers check caches against.
+            call = CallState(kwargs={"prompt": self.prompt,
+                                     **tiny_call_kwargs_for(backbone, backbones=self.tiny_backbones)})
+            tp.prepare([self._spec()], call=call)
         except Exception as exc:
             _fail(f"backbone {backbone!r} rejected the caches of template {name!r}: {_error(exc)}")
 

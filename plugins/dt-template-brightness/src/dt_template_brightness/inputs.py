@@ -1,0 +1,66 @@
+"""Input schema of the ``brightness`` template: what a user passes in a template spec.
+
+    {"template": "brightness", "scale": 0.7, "strength": 0.5, "start": 0.0, "end": 1.0}
+
+``TemplateInputs`` forbids unknown fields and validates on assignment; every constraint here is
+checked before anything runs, and a bad value fails with a ``TemplateInputError`` that names the
+template and the field.
+"""
+
+from __future__ import annotations
+
+from diffusion_templates import TemplateInputs
+from pydantic import Field, ValidationInfo, field_validator
+
+
+class BrightnessInputs(TemplateInputs):
+    scale: float = Field(
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=(
+            "Target mean luminance of the image, 0 (black) to 1 (white): Rec. 709 luma "
+            "0.2126 R + 0.7152 G + 0.0722 B of the RGB values in [0, 1], averaged over the image, as "
+            "estimated from the predicted clean latents through the pipeline's fitted latent -> RGB map. "
+            "Photographs typically measure 0.25 to 0.65 (median 0.44 over scikit-image's sample photos)."
+        ),
+    )
+    strength: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=(
+            "Fraction of the remaining gap to the target that each guided step closes on the predicted "
+            "clean sample (a Gauss-Newton step). 1 makes the output hit the target (exactly without CFG), "
+            "0.5 pulls softly, 0 turns the template off."
+        ),
+    )
+    start: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=(
+            "First guided step, as a fraction of the denoising (diffusers' control_guidance_start rule: "
+            "step i of n is guided unless i/n < start)."
+        ),
+    )
+    end: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=(
+            "End of the guided steps, as a fraction of the denoising (control_guidance_end rule: step i of "
+            "n is guided unless (i+1)/n > end). Must be above start."
+        ),
+    )
+
+    @field_validator("end")
+    @classmethod
+    def _end_after_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start")
+        if start is not None and end <= start:
+            raise ValueError(f"end ({end}) must be above start ({start}): no step would be guided")
+        return end
