@@ -17,6 +17,11 @@ use, reference counted, and the original functions put back when the last user l
 
 With batched classifier-free guidance (SD3, SDXL: ``[uncond, cond]`` in one batch) a segment may
 target one half of the batch; the call is then split per half, each half with its own extra K/V.
+
+The same wrappers can also *read* an attention call: inside :func:`capture_kv` the recorder sees the
+call's own key and value, (B, L, heads, head_dim) after RoPE and before any extra K/V is appended
+(``reference.py`` records a reference image's K/V this way). It is consumed like the segments: a
+nested attention call records nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +60,26 @@ def extra_kv(segment: Segment) -> Iterator[None]:
         yield
     finally:
         EXTRA_KV.reset(token)
+
+
+#: Called with each attention call's own (key, value), (B, L, heads, head_dim), inside :func:`capture_kv`.
+CAPTURE_KV: ContextVar[Callable[[torch.Tensor, torch.Tensor], None] | None] = ContextVar(
+    "dt_capture_kv", default=None
+)
+
+
+@contextlib.contextmanager
+def capture_kv(recorder: Callable[[torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Make the next attention call(s) in this context report their own K/V to ``recorder``.
+
+    Takes effect only while :func:`attention_interception` is installed. The recorder gets the
+    tensors the backend receives (after RoPE, before extra K/V are appended), as (B, L, heads, head_dim).
+    """
+    token = CAPTURE_KV.set(recorder)
+    try:
+        yield
+    finally:
+        CAPTURE_KV.reset(token)
 
 
 def _expand_batch(extra: torch.Tensor, batch: int) -> torch.Tensor:
@@ -123,6 +148,17 @@ def _rows(value: Any, rows: slice, batch: int) -> Any:
 
 
 def _consume(fn, kwargs: dict[str, Any], seq_dim: int):
+    recorder = CAPTURE_KV.get()
+    if recorder is not None:
+        key, value = kwargs["key"], kwargs["value"]
+        if seq_dim == 2:  # (B, H, L, D) -> (B, L, H, D)
+            key, value = key.transpose(1, 2), value.transpose(1, 2)
+        recorder(key, value)
+        token = CAPTURE_KV.set(None)  # consumed: nested attention calls record nothing
+        try:
+            return _consume(fn, kwargs, seq_dim)
+        finally:
+            CAPTURE_KV.reset(token)
     segments = EXTRA_KV.get()
     if not segments:
         return fn(**kwargs)
