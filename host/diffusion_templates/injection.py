@@ -59,7 +59,11 @@ class Injection:
         return {}
 
     def __enter__(self) -> Injection:
-        self.apply()
+        try:
+            self.apply()
+        except BaseException:  # a half-applied injection is undone too (exit is not called then)
+            self.remove()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

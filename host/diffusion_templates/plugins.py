@@ -172,10 +172,10 @@ class PluginHost:
 
     # -- lookup ------------------------------------------------------------------------------------
     def info(self, kind: str, name: str) -> PluginInfo | None:
-        for info in self.infos:
-            if info.kind == kind and info.name == name:
-                return info
-        return None
+        """The entry for ``name``: a usable one if any (a disabled or conflicting duplicate, e.g. a
+        third party's ``kv``, must not hide the host's own), else the first, for its problem."""
+        matches = [info for info in self.infos if info.kind == kind and info.name == name]
+        return next((i for i in matches if i.usable), matches[0] if matches else None)
 
     def names(self, kind: str) -> list[str]:
         return sorted(i.name for i in self.infos if i.kind == kind and i.usable)

@@ -21,6 +21,7 @@ from ..cache import TemplateCache
 from ..context import Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
 from ..injection import HookSet, Injection, unique_hook_name
+from ..limits import check_kv_tokens
 from .base import Carrier, joined_template_names
 
 
@@ -141,6 +142,8 @@ class KVCarrier(Carrier):
                 f"kv cache from template {cache.template!r} names attention layers {unknown} that "
                 f"{target.adapter.name!r} does not have; its layers are {list(available)}"
             )
+        for name, k in cache.keys.items():  # before any cast or copy: refuse absurd lengths up front
+            check_kv_tokens(cache.template, name, k.shape[1])
         layers = {}
         for name, k in cache.keys.items():
             layer = available[name]

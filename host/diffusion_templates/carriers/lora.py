@@ -24,6 +24,7 @@ from ..cache import TemplateCache
 from ..context import Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
 from ..injection import HookSet, Injection, unique_hook_name
+from ..limits import check_lora_rank
 from .base import Carrier, joined_template_names
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight$")
@@ -185,6 +186,8 @@ class LoraCarrier(Carrier):
 
     def injection(self, cache: LoraCache, target: InjectionTarget) -> LoraInjection:
         denoiser = target.adapter.denoiser
+        for path, down in cache.down.items():  # before any cast or copy: refuse absurd ranks up front
+            check_lora_rank(cache.template, path, down.shape[0])
         modules = {}
         for path, down in cache.down.items():
             try:
