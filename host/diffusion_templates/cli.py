@@ -165,6 +165,14 @@ def _backbone_adapters(host: Any) -> dict[str, Any]:
     return adapters
 
 
+def _supports(host: Any, carrier: str, adapter: Any) -> bool:
+    """Ask the carrier (a plugin carrier decides for itself; the adapter's list is only the default)."""
+    try:
+        return bool(host.get("carrier", carrier).supports(adapter))
+    except Exception:
+        return False
+
+
 def _common(info: Any, obj: Any) -> dict[str, Any]:
     own = info.distribution.lower() == HOST_DISTRIBUTION
     return {
@@ -179,7 +187,7 @@ def _describe_template(host: Any, info: Any, obj: Any) -> dict[str, Any]:
     backbones = [str(b) for b in getattr(obj, "backbones", ("*",)) or ()]
     compatible = [name for name, adapter in _backbone_adapters(host).items()
                   if ("*" in backbones or name in backbones)
-                  and set(carriers) <= set(getattr(adapter, "carriers", ()))]
+                  and all(_supports(host, carrier, adapter) for carrier in carriers)]
     inputs = obj.Inputs
     return {
         **_common(info, obj),
@@ -196,7 +204,7 @@ def _describe_carrier(host: Any, info: Any, obj: Any) -> dict[str, Any]:
     if cache_class is not None and hasattr(cache_class, "model_fields"):
         fields = [{k: v for k, v in f.items() if k != "constraints"} for f in _input_fields(cache_class)]
     supported = [name for name, adapter in _backbone_adapters(host).items()
-                 if info.name in getattr(adapter, "carriers", ())]
+                 if _supports(host, info.name, adapter)]
     templates = sorted(i.name for i in host.infos if i.kind == "template" and info.name in i.carriers)
     return {
         **_common(info, obj),
