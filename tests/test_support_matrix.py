@@ -12,7 +12,9 @@ DOC = Path(__file__).parents[1] / "docs" / "support-matrix.md"
 
 def test_published_matrix_matches_the_adapters():
     assert DOC.read_text() == render(), (
-        "docs/support-matrix.md is stale: run `python -m diffusion_templates.support_matrix docs/support-matrix.md`")
+        "docs/support-matrix.md is stale: run "
+        "`python -m diffusion_templates.support_matrix docs/support-matrix.md`"
+    )
 
 
 def test_every_backbone_supports_kv_and_lora_and_every_gap_has_a_reason():
