@@ -14,12 +14,13 @@ import pytest
 from dt_sdk import TEMPLATE_DIR, TemplateGenerationError, new_template, template_carriers
 from dt_sdk.cli import main, register
 
-SNIPPETS = ("inputs.py", "model.py", "template.py", "conformance.py", "README.md")
+SNIPPETS = ("inputs.py", "model.py", "template.py", "conformance.py", "tests.py", "README.md")
 
 
 def test_every_carrier_choice_has_its_snippets():
     choices = json.loads((TEMPLATE_DIR / "cookiecutter.json").read_text())["carrier"]
-    assert choices == template_carriers() == ["kv", "lora"]
+    assert choices == template_carriers()
+    assert choices == ["kv", "lora", "guidance", "embedding", "latent_mask", "residual"]
     for carrier in choices:
         for snippet in SNIPPETS:
             assert (TEMPLATE_DIR / "templates" / "carriers" / carrier / snippet).is_file(), (carrier, snippet)
