@@ -15,7 +15,6 @@ import pytest
 import torch
 from dt_template_inpaint import feather
 from dt_template_inpaint.feathered import soft_mask_latents
-from dt_template_inpaint.pictures import to_image, to_mask
 from PIL import Image
 
 from diffusion_templates import (
@@ -26,6 +25,7 @@ from diffusion_templates import (
     UnsupportedError,
     imaging,
 )
+from diffusion_templates.pictures import to_image, to_mask
 from diffusion_templates.testing.snapshot import assert_pipeline_unchanged, pipeline_state
 from dt_sdk.conformance import (
     MISSING,

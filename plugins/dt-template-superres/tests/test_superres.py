@@ -14,7 +14,6 @@ import pytest
 import torch
 from diffusers.hooks import ModelHook
 from dt_template_superres import upsample
-from dt_template_superres.pictures import to_image
 from dt_template_superres.tiling import InnermostForward, Layout
 from PIL import Image
 
@@ -29,6 +28,7 @@ from diffusion_templates import (
     imaging,
 )
 from diffusion_templates.injection import HookSet
+from diffusion_templates.pictures import to_image
 from diffusion_templates.testing.snapshot import assert_pipeline_unchanged, pipeline_state
 from dt_sdk.conformance import (
     MISSING,

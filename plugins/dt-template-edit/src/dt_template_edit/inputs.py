@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_templates import TemplateInputs
+from diffusion_templates.reference import REFERENCE_MAX_ASPECT as MAX_ASPECT
+from diffusion_templates.reference import REFERENCE_MIN_SIDE as MIN_SIDE
+from diffusion_templates.reference import to_reference_picture as to_rgb_image
 from pydantic import Field, field_validator
-
-from .images import MAX_ASPECT, MIN_SIDE, to_rgb_image
 
 
 class EditInputs(TemplateInputs):

@@ -7,8 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from diffusion_templates import TemplateInputs
-
-from .pictures import to_image, to_mask
+from diffusion_templates.pictures import to_image, to_mask
 
 
 class InpaintInputs(TemplateInputs):

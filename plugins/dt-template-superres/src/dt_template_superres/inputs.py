@@ -7,8 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from diffusion_templates import TemplateInputs
-
-from .pictures import to_image
+from diffusion_templates.pictures import to_image
 
 MAX_TARGET_SIDE = 8192
 

@@ -1,4 +1,4 @@
-"""Pictures given to a template's inputs: PIL images, numpy arrays, tensors or file paths.
+"""Pictures given to a template's inputs (PIL images, numpy arrays, tensors or file paths) as tensors.
 
 Validators raise ``ValueError`` with a message that says what was wrong and what is accepted, so
 that the host reports a ``TemplateInputError`` naming the template and the field.
