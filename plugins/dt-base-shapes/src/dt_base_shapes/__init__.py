@@ -1,0 +1,49 @@
+"""dt-base-shapes: a tiny FLUX.2-architecture text-to-image model trained on synthetic shapes.
+
+The committed weights (``weights/``, a standard diffusers folder) load with plain
+``Flux2KleinPipeline.from_pretrained``; :func:`load_base` is the ``diffusion_templates.base_models``
+entry point that ``dt demo`` and ``dt generate`` use as their default base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+WEIGHTS = Path(__file__).parent / "weights"
+DESCRIPTION = f"dt-base-shapes {__version__}: a tiny FLUX.2-architecture model trained on synthetic shapes"
+# Base (not guidance-distilled) model: real CFG against the empty caption, so negative templates work.
+CALL_KWARGS: dict[str, Any] = {
+    "num_inference_steps": 20,
+    "height": 64,
+    "width": 64,
+    "guidance_scale": 4.0,
+    "max_sequence_length": 32,
+    "text_encoder_out_layers": (1, 2),
+}
+# Held-out captions (combinations never in the training split; the tests check).
+PROMPTS = [
+    "a large red circle in the center on a green background",
+    "a large yellow triangle in the center on a blue background",
+    "a large green star in the center on a black background",
+    "a large red circle in the top left on a white and green background",
+    "a small red circle in the bottom right on a purple background",
+]
+
+
+def load_pipeline(folder: str | Path | None = None):
+    """``Flux2KleinPipeline.from_pretrained`` on the committed weights (or ``folder``), CPU, eval mode."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(str(folder or WEIGHTS))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_base():
+    """The ``diffusion_templates.base_models`` entry point: the pipeline and how to call it."""
+    from diffusion_templates.demo import BaseModel
+
+    return BaseModel(load_pipeline(), dict(CALL_KWARGS), DESCRIPTION, list(PROMPTS))
