@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class TrainConfig:
     vae_overrides: dict[str, Any] = field(default_factory=dict)
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
     log_every: int = 100
+    checkpoint_every: int = 250  # resumable: a killed run picks up from ``<out>.ckpt/`` (0: off)
 
 
 def _lr(step: int, total: int, warmup: int, base: float) -> float:
@@ -180,8 +182,13 @@ def train_transformer(
     empty: torch.Tensor,
     cfg: TrainConfig,
     log=print,
+    checkpoint: Path | None = None,
 ) -> tuple[Any, list[float]]:
-    """``latents`` (N, 4C, h, w) normalised; ``embeds[caption_ids[i]]`` is sample i's prompt embedding."""
+    """``latents`` (N, 4C, h, w) normalised; ``embeds[caption_ids[i]]`` is sample i's prompt embedding.
+
+    With ``checkpoint``, the state is saved there every ``cfg.checkpoint_every`` steps and a run
+    resumes from it (bit-identically: every random number comes from one saved generator).
+    """
     transformer = make_transformer(cfg.seed, **cfg.transformer_overrides).to(cfg.device).train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -191,8 +198,36 @@ def train_transformer(
     img_ids = P._prepare_latent_ids(latents[:1]).expand(cfg.batch, -1, -1).to(dev)
     txt_ids = P._prepare_text_ids(embeds[:1]).expand(cfg.batch, -1, -1).to(dev)
     tokens, embeds, empty = tokens.to(dev), embeds.to(dev), empty.to(dev)
-    losses = []
-    for step in range(cfg.steps):
+    losses: list[float] = []
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] == asdict(cfg):
+            transformer.load_state_dict(state["transformer"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            losses, start = state["losses"], state["step"]
+            log(f"transformer: resumed at step {start} from {checkpoint}")
+    for step in range(start, cfg.steps):
+        if (
+            checkpoint is not None
+            and cfg.checkpoint_every
+            and step > start
+            and step % cfg.checkpoint_every == 0
+        ):
+            _save_atomic(
+                {
+                    "config": asdict(cfg),
+                    "transformer": transformer.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "gen": gen.get_state(),
+                    "losses": losses,
+                    "step": step,
+                },
+                checkpoint,
+            )
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.steps, cfg.warmup, cfg.lr)
         idx = torch.randint(len(tokens), (cfg.batch,), generator=gen)
@@ -215,6 +250,13 @@ def train_transformer(
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             log(f"transformer {step + 1}/{cfg.steps} loss {np.mean(losses[-cfg.log_every :]):.4f}")
     return ema.cpu(), losses
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def _curve(losses: list[float], points: int = 20) -> list[float]:
@@ -241,9 +283,22 @@ def train(out: str | Path, cfg: TrainConfig | None = None, log=print) -> dict[st
     record["data_seconds"] = time.perf_counter() - t0
     log(f"data: {len(images)} images in {record['data_seconds']:.1f} s")
 
+    ckpt = Path(str(out) + ".ckpt") if cfg.checkpoint_every else None
     t0 = time.perf_counter()
-    vae, vae_losses = train_vae(images, cfg, log)
-    record["vae_seconds"] = time.perf_counter() - t0
+    vae_ckpt = ckpt / "vae.pt" if ckpt else None
+    state = torch.load(vae_ckpt, weights_only=False) if vae_ckpt and vae_ckpt.exists() else None
+    if state is not None and state["config"] == asdict(cfg):
+        vae = make_vae(cfg.seed, **cfg.vae_overrides)
+        vae.load_state_dict(state["vae"])
+        vae, vae_losses = vae.eval(), state["losses"]
+        record["vae_seconds"] = state["seconds"]
+        log(f"vae: loaded from {vae_ckpt}")
+    else:
+        vae, vae_losses = train_vae(images, cfg, log)
+        record["vae_seconds"] = time.perf_counter() - t0
+        if vae_ckpt is not None:
+            state = {"config": asdict(cfg), "vae": vae.state_dict(), "losses": vae_losses}
+            _save_atomic({**state, "seconds": record["vae_seconds"]}, vae_ckpt)
 
     t0 = time.perf_counter()
     latents = encode_latents(vae, images)
@@ -259,7 +314,9 @@ def train(out: str | Path, cfg: TrainConfig | None = None, log=print) -> dict[st
     log(f"cached {len(latents)} latents {tuple(latents.shape[1:])} and {len(unique)} captions")
 
     t0 = time.perf_counter()
-    transformer, tr_losses = train_transformer(latents, caption_ids, embeds, empty, cfg, log)
+    transformer, tr_losses = train_transformer(
+        latents, caption_ids, embeds, empty, cfg, log, checkpoint=ckpt / "transformer.pt" if ckpt else None
+    )
     record["transformer_seconds"] = time.perf_counter() - t0
 
     pipe = Flux2KleinPipeline(
@@ -285,5 +342,7 @@ def train(out: str | Path, cfg: TrainConfig | None = None, log=print) -> dict[st
     record["transformer_losses"] = _curve(tr_losses)
     record["folder_bytes"] = folder_size(out)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
     log(f"saved {out} ({record['folder_bytes'] / 1e6:.1f} MB) in {record['total_seconds']:.0f} s")
     return record
