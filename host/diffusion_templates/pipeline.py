@@ -11,6 +11,10 @@ One call, start to finish (``TemplatePipeline.__call__``):
                  injection is undone on the way out, also when the call raised.
 
 Everything that can fail on bad input fails in steps 1-4, before the model is touched.
+
+``TemplatePipeline.injecting(templates=...)`` runs steps 1-4 and applies the injections for a
+``with`` block instead of a pipeline call: direct denoiser calls inside it (a training loop, a custom
+sampler) see the templates, with the same lock and the same exact undo as ``__call__``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import inspect
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,14 +244,12 @@ class TemplatePipeline:
             injections = self.prepare(templates or (), negative_templates or (), call)
             if not injections:  # still serialised: it shares the scheduler and tokenizers
                 return self.pipe(*args, **kwargs)
-            token = CURRENT_CALL.set(call)
-            with contextlib.ExitStack() as stack:
-                stack.callback(CURRENT_CALL.reset, token)
-                stack.enter_context(registry_cache_guard(self.adapter.denoiser))
-                stack.enter_context(BranchTracker(self.adapter, call))
-                for injection in injections:
-                    stack.enter_context(injection)
-                    kwargs = injection.update_call_kwargs(kwargs)
+
+            def update(injection: Injection) -> None:  # right after each apply, as before the refactor
+                nonlocal kwargs
+                kwargs = injection.update_call_kwargs(kwargs)
+
+            with self._applied(injections, call, after_apply=update):
                 kwargs = compose_step_callbacks(injections, kwargs)
                 output = self.pipe(*args, **kwargs)
         if negative_templates and not call.extras.get("saw_uncond"):
@@ -257,3 +259,57 @@ class TemplatePipeline:
                 stacklevel=2,
             )
         return output
+
+    @contextlib.contextmanager
+    def injecting(
+        self,
+        templates: Iterable[TemplateSpec] = (),
+        negative_templates: Iterable[TemplateSpec] = (),
+        *,
+        call_kwargs: Mapping[str, Any] | None = None,
+    ) -> Iterator[CallState]:
+        """Inject templates for direct denoiser calls made inside the block (training, custom samplers).
+
+        ``with pipe.injecting(templates=[...]) as call: pipe.transformer(...)``: the same steps 1-4
+        and guarantees as ``__call__`` (validated before anything is patched; the denoiser lock held;
+        every change undone exactly on exit, also on exceptions), but no pipeline call. A denoiser call
+        outside ``transformer.cache_context("uncond")`` counts as the conditional branch. Tensors of
+        ready :class:`TemplateCache` objects keep their autograd graph, so a loss computed in the block
+        back-propagates into whatever produced them; call ``backward()`` inside the block (gradient
+        checkpointing recomputes the forward then, and the injection must still be there).
+        ``call_kwargs``: what ``inject`` checks see as the call's arguments (e.g. ``height``).
+        Carriers that act through the pipeline's own arguments or step callbacks (embedding,
+        latent_mask, init_latents, guidance, residual) need ``__call__`` and are refused here.
+        """
+        call = CallState(kwargs=dict(call_kwargs or {}))
+        with denoiser_lock(self.adapter.denoiser):
+            injections = self.prepare(templates or (), negative_templates or (), call)
+            for injection in injections:
+                if injection.step_tensor_inputs or (
+                    type(injection).update_call_kwargs is not Injection.update_call_kwargs
+                ):
+                    raise UnsupportedError(
+                        f"{type(injection).__name__} changes the pipeline call's arguments or steps, so it "
+                        "only works through TemplatePipeline.__call__, not injecting()"
+                    )
+            with self._applied(injections, call):
+                yield call
+
+    @contextlib.contextmanager
+    def _applied(
+        self,
+        injections: list[Injection],
+        call: CallState,
+        after_apply: Callable[[Injection], None] | None = None,
+    ) -> Iterator[None]:
+        """The injections applied with ``call`` current; all undone in reverse order on exit."""
+        token = CURRENT_CALL.set(call)
+        with contextlib.ExitStack() as stack:
+            stack.callback(CURRENT_CALL.reset, token)
+            stack.enter_context(registry_cache_guard(self.adapter.denoiser))
+            stack.enter_context(BranchTracker(self.adapter, call))
+            for injection in injections:
+                stack.enter_context(injection)
+                if after_apply is not None:
+                    after_apply(injection)
+            yield

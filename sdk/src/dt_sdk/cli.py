@@ -1,6 +1,7 @@
-"""``dt new``: the host CLI loads :func:`register` from the ``diffusion_templates.commands`` group.
+"""``dt new`` and ``dt train``: the host CLI loads :func:`register` from the ``diffusion_templates.commands``
+group.
 
-``python -m dt_sdk new ...`` runs the same command without the host CLI.
+``python -m dt_sdk new ...`` (and ``python -m dt_sdk train ...``) run the same commands without the host CLI.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .generate import TemplateGenerationError, new_template, template_carriers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``new`` to the host CLI's sub-commands (its ``func`` returns an exit code)."""
+    """Add ``new`` and ``train`` to the host CLI's sub-commands (their ``func`` returns an exit code)."""
     parser = subparsers.add_parser(
         "new", help="create a template package (dt-template-NAME/) ready to pip install and test",
         description="Create dt-template-NAME/: a template plugin package with an input schema, a Template "
@@ -28,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="ask nothing: use the template's defaults for values not given "
                              "(also the case when standard input is not a terminal)")
     parser.set_defaults(func=run_new)
+    from .train.cli import register as register_train  # `dt train`: light, imports no torch
+
+    register_train(subparsers)
 
 
 def run_new(args: argparse.Namespace) -> int:
@@ -43,7 +47,8 @@ def run_new(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dt_sdk", description="dt-sdk commands (also `dt new`).")
+    parser = argparse.ArgumentParser(prog="python -m dt_sdk",
+                                     description="dt-sdk commands (also `dt new`, `dt train`).")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)
     args = parser.parse_args(argv)
