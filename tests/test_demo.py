@@ -45,3 +45,28 @@ def test_generate_parses_template_arguments_and_job_file(tmp_path):
     assert demo.parse_template_args([["t", "a=1", "b=x.png", "c=[1, 2]"]]) == [
         {"template": "t", "a": 1, "b": "x.png", "c": [1, 2]}
     ]
+
+
+def test_small_models_run_on_one_torch_thread_and_the_count_is_put_back(monkeypatch):
+    import torch
+
+    from diffusion_templates.testing.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES["flux2_klein"].build()
+    monkeypatch.delenv("DT_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert demo._threads_for(pipe) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert demo._threads_for(pipe) is None  # the user's setting stands
+    monkeypatch.setenv("DT_THREADS", "3")
+    assert demo._threads_for(pipe) == 3
+    monkeypatch.delenv("DT_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with demo._threads(pipe):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -107,3 +107,34 @@ def test_wrapping_changes_nothing_and_attributes_fall_through(flux2_pipe):
     assert tp.transformer is flux2_pipe.transformer and tp.vae is flux2_pipe.vae
     assert "flux2" in repr(tp)
     assert_pipeline_unchanged(before, flux2_pipe)
+
+
+def test_child_registry_caches_are_put_back_also_for_hooks_added_between_calls():
+    """diffusers caches each registry's child registries; a call's own hooks must not stay in them,
+    and a hook that the user registers on a block between two calls is seen by the next call."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from diffusion_templates.testing.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES["flux2_klein"].build()
+    transformer = pipe.transformer
+    tp = TemplatePipeline(pipe)
+    run(pipe, "flux2_klein")  # diffusers creates the root registry and caches its (empty) child list
+    root = transformer._diffusers_hook
+    cached = root._child_registries_cache
+    run(tp, "flux2_klein", templates=ALL_CARRIERS)
+    assert root._child_registries_cache is cached  # not the list built during the call
+    assert transformer._diffusers_hook is root
+
+    block = transformer.transformer_blocks[0]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(ModelHook(), "user")
+    root.invalidate_child_registries_cache()  # what diffusers' enable_cache does
+    block._diffusers_hook._child_registries_cache = sentinel = ["user's"]
+    run(pipe, "flux2_klein")
+    user_list = root._child_registries_cache
+    assert user_list == [block._diffusers_hook]
+    before = pipeline_state(pipe.transformer)
+    run(tp, "flux2_klein", templates=ALL_CARRIERS)
+    assert root._child_registries_cache is user_list
+    assert block._diffusers_hook._child_registries_cache is sentinel
+    assert_pipeline_unchanged(before, pipe.transformer)

@@ -166,6 +166,70 @@ def test_backbone_identity_follows_config_and_dtype():
     assert len(keys) == 7
 
 
+def test_key_is_the_hash_of_the_documented_record_and_the_fast_paths_agree(flux2_pipe):
+    """``cache_key`` builds the record's JSON from cached parts and ``key_for`` remembers keys of
+    scalar inputs: both must give exactly the SHA-256 of the whole record, and values that are
+    equal in Python but not in JSON (``0.0``/``-0.0``, ``1``/``True``/``1.0``) must not share a key."""
+    import hashlib
+    import json
+
+    from diffusion_templates import __version__
+    from diffusion_templates.store import STORE_FORMAT
+
+    class Mixed(TemplateInputs):
+        a: Any = 0.0
+        b: Any = None
+
+    backbone = {"adapter": "toy", "denoiser": "x.Y", "config": "c" * 64, "dtype": "torch.float32"}
+
+    def reference(inputs, **extra):
+        record = {
+            "store": STORE_FORMAT,
+            "host": __version__,
+            "template": "glow",
+            "distribution": "dist",
+            "version": "1",
+            "cache_version": None,
+            "inputs": canonical(inputs),
+            "backbone": backbone,
+            "negative": False,
+            **extra,
+        }
+        text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    values = [0.0, -0.0, 1, True, 1.0, "1", None, float("nan"), float("inf"), 2**70, "\x00"]
+    for value in values:
+        inputs = Mixed(a=value, b=[value])  # b: a list, so not the scalar fast path
+        assert cache_key(
+            template="glow", version="1", distribution="dist", inputs=inputs, backbone=backbone
+        ) == reference(inputs)
+    assert cache_key(
+        template="glow", version="1", distribution="dist", inputs=Mixed(), backbone=backbone,
+        negative=True, cache_version="2",
+    ) == reference(Mixed(), negative=True, cache_version="2")
+
+    host = PluginHost()
+    host.register("template", "mixed", type("MixedTemplate", (CountingKV,), {"Inputs": Mixed}))
+    tp = TemplatePipeline(flux2_pipe, plugins=host)
+    klass = type(host.get("template", "mixed"))
+    for _ in range(2):  # the second round comes from key_for's memo
+        keys = [tp.store.key_for(tp, "mixed", Mixed(a=value)) for value in values]
+        assert len(set(keys)) == len(values)
+        slow = [
+            cache_key(
+                template="mixed",
+                version="",
+                distribution=f"{host.info('template', 'mixed').distribution}:"
+                f"{klass.__module__}.{klass.__qualname__}",
+                inputs=Mixed(a=value),
+                backbone=backbone_identity(tp.adapter),
+            )
+            for value in values
+        ]
+        assert keys == slow
+
+
 def test_arrays_are_hashed_by_content():
     t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     same = canonical(t.clone())

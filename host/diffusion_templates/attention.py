@@ -200,19 +200,27 @@ class _FunctionalProxy(types.ModuleType):
 _lock = threading.Lock()
 _users = 0
 _originals: dict[Any, Any] = {}
+#: One wrapper per backend function and one proxy module, made once and reused by every install.
+_wrappers: dict[Any, Any] = {}
+_proxy: _FunctionalProxy | None = None
 
 
 @contextlib.contextmanager
 def attention_interception() -> Iterator[None]:
     """Install the K/V wrappers for the duration of the block (reference counted, thread safe)."""
-    global _users
+    global _users, _proxy
     with _lock:
         if _users == 0:
             backends = _AttentionBackendRegistry._backends
             for name, fn in list(backends.items()):
                 _originals[name] = fn
-                backends[name] = _wrap_backend(fn)
-            attention_processor.F = _FunctionalProxy()
+                wrapper = _wrappers.get(fn)
+                if wrapper is None:
+                    wrapper = _wrappers[fn] = _wrap_backend(fn)
+                backends[name] = wrapper
+            if _proxy is None:
+                _proxy = _FunctionalProxy()
+            attention_processor.F = _proxy
         _users += 1
     try:
         yield

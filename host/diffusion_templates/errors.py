@@ -49,12 +49,14 @@ class TemplateInputError(TemplateError, ValueError):
 
 def validate_inputs(template: str, schema: Any, fields: Any) -> Any:
     """``schema.model_validate(fields)``, with errors as :class:`TemplateInputError` naming the template."""
-    from pydantic import ValidationError
-
     try:
         return schema.model_validate(fields)
-    except ValidationError as exc:
-        raise TemplateInputError.from_validation_error(template, exc) from None
+    except Exception as exc:
+        from pydantic import ValidationError  # imported on the error path only (hot on every call)
+
+        if isinstance(exc, ValidationError):
+            raise TemplateInputError.from_validation_error(template, exc) from None
+        raise
 
 
 class CacheError(TemplateError, ValueError):

@@ -93,6 +93,31 @@ class HookSet:
                 del module._diffusers_hook
 
 
+_WALK_LIMIT = 1 << 20
+
+
+def _registry_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules under ``root`` (itself included) that hold a diffusers hook registry.
+
+    The same modules as ``[m for m in root.modules() if "_diffusers_hook" in m.__dict__]``, found by
+    reading the ``_modules`` dicts directly: ``Module.modules()`` builds a name for every module and
+    keeps a memo set, which made this walk the largest part of a templated call's fixed cost on
+    small models. A module shared by two parents may come twice (harmless here); a module graph
+    with a cycle, which ``modules()`` tolerates, falls back to ``modules()``.
+    """
+    stack: list[Any] = [root]
+    extend = stack.extend
+    for count, module in enumerate(stack):
+        if module is not None:
+            if count > _WALK_LIMIT:
+                return [m for m in root.modules() if m.__dict__.get("_diffusers_hook") is not None]
+            extend(module.__dict__["_modules"].values())
+    return [m for m in stack if m is not None and m.__dict__.get("_diffusers_hook") is not None]
+
+
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def registry_cache_guard(root: torch.nn.Module) -> Iterator[None]:
     """Restore diffusers' cached child-registry lists under ``root`` after a call.
@@ -101,32 +126,37 @@ def registry_cache_guard(root: torch.nn.Module) -> Iterator[None]:
     adds on submodules would stay referenced from that cache after their removal; the guard puts
     back exactly what each registry cached before (and removes a root registry that diffusers'
     ``cache_context`` created during the call).
+
+    The registries are found by walking the module tree at every call, so hooks added or removed
+    between calls by anyone are always seen (a cached list could not notice a registry created by
+    hand on a submodule). After the call only those registries and the root's are looked at:
+    registries created during the call are either removed by the ``HookSet`` that created them
+    or diffusers' root registry (diffusers builds the child-registry cache only on the module
+    whose ``cache_context`` runs, the denoiser).
     """
-    before: dict[int, tuple[torch.nn.Module, bool, Any]] = {}
-    for module in root.modules():
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is not None:
-            has_cache = "_child_registries_cache" in registry.__dict__
-            before[id(module)] = (module, has_cache, registry.__dict__.get("_child_registries_cache"))
+    before: list[tuple[torch.nn.Module, Any]] = [
+        (module, module.__dict__["_diffusers_hook"].__dict__.get("_child_registries_cache", _MISSING))
+        for module in _registry_modules(root)
+    ]
     root_had_registry = "_diffusers_hook" in root.__dict__
     try:
         yield
     finally:
-        for module in root.modules():
+        for module, cached in before:
             registry = module.__dict__.get("_diffusers_hook")
             if registry is None:
                 continue
-            if id(module) not in before:
-                if module is root and not root_had_registry and not registry.hooks:
-                    del root._diffusers_hook
-                else:
-                    registry.__dict__.pop("_child_registries_cache", None)
-                continue
-            _, has_cache, cached = before[id(module)]
-            if has_cache:
-                registry._child_registries_cache = cached
-            else:
+            if cached is _MISSING:
                 registry.__dict__.pop("_child_registries_cache", None)
+            else:
+                registry._child_registries_cache = cached
+        if not root_had_registry:
+            registry = root.__dict__.get("_diffusers_hook")
+            if registry is not None:
+                if registry.hooks:
+                    registry.__dict__.pop("_child_registries_cache", None)
+                else:
+                    del root._diffusers_hook
 
 
 class _NoState(BaseState):

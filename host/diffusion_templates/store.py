@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -82,6 +83,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+@functools.lru_cache(maxsize=1024)
+def _model_layout(klass: type[BaseModel]) -> tuple[str, tuple[str, ...]]:
+    """A pydantic model class's qualified name and field names (read once per class: pydantic's
+    ``model_fields`` class property costs more than the rest of a small model's key)."""
+    fields = getattr(klass, "__pydantic_fields__", None)
+    if fields is None:
+        fields = klass.model_fields
+    return f"{klass.__module__}.{klass.__qualname__}", tuple(fields)
+
+
 def canonical(value: Any) -> Any:
     """A JSON-able form of ``value`` that equals another's exactly when their contents are equal.
 
@@ -97,12 +108,9 @@ def canonical(value: Any) -> Any:
         klass = type(value)
         return {"__enum__": f"{klass.__module__}.{klass.__qualname__}", "value": canonical(value.value)}
     if isinstance(value, BaseModel):
-        klass = type(value)
+        name, field_names = _model_layout(type(value))
         fields = value.__dict__
-        return {
-            "__model__": f"{klass.__module__}.{klass.__qualname__}",
-            "fields": {name: canonical(fields[name]) for name in klass.model_fields},
-        }
+        return {"__model__": name, "fields": {f: canonical(fields[f]) for f in field_names}}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             "__dataclass__": f"{type(value).__module__}.{type(value).__qualname__}",
@@ -162,10 +170,13 @@ def canonical(value: Any) -> Any:
     raise Uncacheable(f"cannot hash a {type(value).__module__}.{type(value).__qualname__} by content")
 
 
+#: The key's JSON: sorted keys, no spaces, no NaN (one encoder object, not one per dump).
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+
+
 def inputs_digest(inputs: Any) -> str:
     """SHA-256 of the canonical JSON dump of validated inputs (raises :class:`Uncacheable`)."""
-    text = json.dumps(canonical(inputs), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return _digest(text.encode())
+    return _digest(_dumps(canonical(inputs)).encode())
 
 
 _backbone_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -186,6 +197,11 @@ def backbone_identity(adapter: BackboneAdapter) -> dict[str, str]:
     replaces the frozen config object when it changes), the dtype read from the denoiser's first
     parameter at every call (``.to(dtype)`` changes it in place).
     """
+    return dict(_backbone_items(adapter))
+
+
+def _backbone_items(adapter: BackboneAdapter) -> tuple[tuple[str, str], ...]:
+    """:func:`backbone_identity` as ``(key, value)`` pairs (what the store's key is built from)."""
     denoiser = adapter.denoiser
     config = getattr(denoiser, "config", None)
     with _backbone_lock:
@@ -194,13 +210,17 @@ def backbone_identity(adapter: BackboneAdapter) -> dict[str, str]:
         text = json.dumps(dict(config or {}), sort_keys=True, default=repr)
         klass = type(denoiser)
         name = f"{klass.__module__}.{klass.__qualname__}"
-        memo = (config, _digest(text.encode()), name, _first_parameter(denoiser))
+        memo = (config, _digest(text.encode()), name, _first_parameter(denoiser), {})
         with _backbone_lock:
             _backbone_memo[denoiser] = memo
     first = memo[3]
     param = first[0]._parameters.get(first[1]) if first is not None else None
     dtype = param.dtype if param is not None else adapter.dtype
-    return {"adapter": adapter.name, "denoiser": memo[2], "config": memo[1], "dtype": str(dtype)}
+    items = memo[4].get((adapter.name, dtype))  # one tuple per adapter name and dtype seen
+    if items is None:
+        items = (("adapter", adapter.name), ("denoiser", memo[2]), ("config", memo[1]), ("dtype", str(dtype)))
+        memo[4][(adapter.name, dtype)] = items
+    return items
 
 
 def cache_key(
@@ -208,25 +228,87 @@ def cache_key(
     template: str,
     version: str,
     inputs: Any,
-    backbone: Mapping[str, str],
+    backbone: Mapping[str, str] | tuple[tuple[str, str], ...],
     negative: bool = False,
     distribution: str = "",
     cache_version: str | None = None,
 ) -> str:
-    """The store key (64 hex digits) of one template call. Raises :class:`Uncacheable`."""
-    record = {
-        "store": STORE_FORMAT,
-        "host": __version__,
-        "template": template,
-        "distribution": distribution,
-        "version": version,
-        "cache_version": cache_version,
-        "inputs": canonical(inputs),
-        "backbone": backbone,
-        "negative": bool(negative),
-    }
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return _digest(text.encode())
+    """The store key (64 hex digits) of one template call. Raises :class:`Uncacheable`.
+
+    The SHA-256 of the record's canonical JSON (sorted keys)::
+
+        {"backbone": backbone, "cache_version": ..., "distribution": ..., "host": __version__,
+         "inputs": canonical(inputs), "negative": ..., "store": STORE_FORMAT, "template": ...,
+         "version": ...}
+
+    Everything but the inputs is the same from call to call, so its JSON before and after the
+    inputs is built once (:func:`_record_text`) and only the inputs are dumped per call.
+    """
+    backbone = backbone if isinstance(backbone, tuple) else tuple(backbone.items())
+    parts = (template, version, distribution, cache_version, backbone, bool(negative))
+    try:
+        head, tail = _record_text(*parts)
+    except TypeError:  # an unhashable value (not from this module): build the text uncached
+        head, tail = _record_text.__wrapped__(*parts)
+    digest = hashlib.sha256(head)
+    digest.update(_dumps(canonical(inputs)).encode())
+    digest.update(tail)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=512, typed=True)
+def _record_text(
+    template: str,
+    version: str,
+    distribution: str,
+    cache_version: str | None,
+    backbone: tuple[tuple[str, str], ...],
+    negative: bool,
+) -> tuple[bytes, bytes]:
+    """The key record's JSON before and after the inputs' dump (see :func:`cache_key`): what
+    ``json.dumps(record, sort_keys=True, separators=(",", ":"))`` writes, keys in sorted order."""
+    head = (
+        f'{{"backbone":{_dumps(dict(backbone))},"cache_version":{_dumps(cache_version)},'
+        f'"distribution":{_dumps(distribution)},"host":{_dumps(__version__)},"inputs":'
+    )
+    tail = (
+        f',"negative":{_dumps(negative)},"store":{_dumps(STORE_FORMAT)},'
+        f'"template":{_dumps(template)},"version":{_dumps(version)}}}'
+    )
+    return head.encode(), tail.encode()
+
+
+#: Keys of calls whose inputs are plain scalars, by everything the key depends on (see
+#: :func:`_scalar_signature`): a repeated call skips the JSON dump and the hash. Cleared when full.
+_key_memo: dict[tuple, str] = {}
+_KEY_MEMO_SIZE = 4096
+_SCALAR_TYPES = frozenset({str, int, bool, type(None)})
+
+
+def _scalar_signature(inputs: Any) -> tuple | None:
+    """A hashable stand-in for ``canonical(inputs)``, equal for two inputs exactly when their
+    canonical JSON is equal, or ``None`` unless ``inputs`` is a pydantic model whose fields are all
+    ``str``, ``int``, ``bool``, ``None`` or ``float`` (exact types: no subclasses, no containers).
+
+    Each value comes with its type (``1``, ``1.0`` and ``True`` are equal in Python, not in JSON),
+    and floats as ``repr`` (``0.0 == -0.0``; ``repr`` is exact, and every NaN dumps alike).
+    """
+    if not isinstance(inputs, BaseModel):
+        return None
+    klass = type(inputs)
+    _, names = _model_layout(klass)
+    values = inputs.__dict__
+    signature: list[Any] = [klass]
+    for name in names:
+        value = values[name]
+        kind = type(value)
+        if kind is float:
+            signature += (kind, repr(value))
+        elif kind in _SCALAR_TYPES:
+            signature += (kind, value)
+        else:
+            return None
+    return tuple(signature)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -262,14 +344,32 @@ def caches_nbytes(caches: list[TemplateCache]) -> int:
 
 def _copy(cache: TemplateCache) -> TemplateCache:
     """A copy whose dict and list fields are new containers (tensors are shared, never copied), so a
-    caller replacing an entry of a returned cache does not change what the store holds."""
-    copy = cache.__copy__()
-    fields = copy.__dict__
-    for name, value in fields.items():
-        if type(value) is dict:
-            fields[name] = dict(value)
-        elif type(value) is list:
-            fields[name] = list(value)
+    caller replacing an entry of a returned cache does not change what the store holds.
+
+    What pydantic's ``__copy__`` does (a new instance sharing the field values, its own fields-set,
+    extra and private dicts), written out so that a store hit does not go through ``copy.copy`` three
+    times; caches with private attributes take pydantic's own path."""
+    if getattr(cache, "__pydantic_private__", None) is not None:
+        copy = cache.__copy__()
+        fields = copy.__dict__
+        for name, value in fields.items():
+            if type(value) is dict:
+                fields[name] = dict(value)
+            elif type(value) is list:
+                fields[name] = list(value)
+        return copy
+    klass = type(cache)
+    copy = klass.__new__(klass)
+    fields = {}
+    for name, value in cache.__dict__.items():
+        kind = type(value)
+        fields[name] = dict(value) if kind is dict else list(value) if kind is list else value
+    extra = cache.__pydantic_extra__
+    _set = object.__setattr__
+    _set(copy, "__dict__", fields)
+    _set(copy, "__pydantic_extra__", None if extra is None else dict(extra))
+    _set(copy, "__pydantic_fields_set__", set(cache.__pydantic_fields_set__))
+    _set(copy, "__pydantic_private__", None)
     return copy
 
 
@@ -345,6 +445,8 @@ class TemplateCacheStore:
         self._nbytes = 0
         self._lock = threading.RLock()
         self._flights: dict[str, _Flight] = {}
+        self._info_memo: dict[tuple[int, str], tuple[Any, ...]] = {}
+        self._last_backbone: tuple[Any, ...] | None = None
 
     def __repr__(self) -> str:
         budget = "unbounded" if self.max_bytes is None else f"{self.max_bytes / 2**20:.0f} MiB"
@@ -355,28 +457,94 @@ class TemplateCacheStore:
     def key_for(self, pipeline: Any, template: str, inputs: Any, *, negative: bool = False) -> str | None:
         """The key of ``template`` with validated ``inputs`` on ``pipeline`` (a TemplatePipeline);
         ``None`` when this call cannot be cached."""
-        plugin = pipeline.plugins.get("template", template)
+        plugins = pipeline.plugins
+        plugin = plugins.get("template", template)
         if not getattr(plugin, "cacheable", True):
             return None
-        info = pipeline.plugins.info("template", template)
+        info = self._template_info(plugins, template, plugin)
         version = info.version if info is not None else ""
         distribution = info.distribution if info is not None else ""
         cache_version = getattr(plugin, "cache_version", None)
+        if cache_version is not None:
+            cache_version = str(cache_version)
         if not version:  # registered in code: no distribution version, name the code instead
             klass = plugin if isinstance(plugin, type) else type(plugin)
             distribution = f"{distribution}:{klass.__module__}.{klass.__qualname__}"
+        backbone = self._backbone(pipeline.adapter)
+        memo_key = None
+        if type(version) is str and type(distribution) is str:
+            signature = _scalar_signature(inputs)
+            if signature is not None:
+                memo_key = (template, version, distribution, cache_version, backbone, bool(negative))
+                memo_key += signature
+                key = _key_memo.get(memo_key)
+                if key is not None:
+                    return key
         try:
-            return cache_key(
+            key = cache_key(
                 template=template,
                 version=version,
                 distribution=distribution,
-                cache_version=None if cache_version is None else str(cache_version),
+                cache_version=cache_version,
                 inputs=inputs,
-                backbone=backbone_identity(pipeline.adapter),
+                backbone=backbone,
                 negative=negative,
             )
         except Uncacheable:
             return None
+        if memo_key is not None:
+            if len(_key_memo) >= _KEY_MEMO_SIZE:
+                _key_memo.clear()
+            _key_memo[memo_key] = key
+        return key
+
+    def _backbone(self, adapter: Any) -> tuple[tuple[str, str], ...]:
+        """``_backbone_items(adapter)``, with the last result remembered for as long as the adapter,
+        its denoiser, the denoiser's config object and its first parameter's dtype stay the same
+        (the same checks ``backbone_identity`` makes, with fewer objects touched per call). Held
+        through weak references: a store shared by several pipelines keeps no model alive."""
+        denoiser = adapter.denoiser
+        last = self._last_backbone
+        if last is not None and last[0]() is adapter and last[1]() is denoiser:
+            owner = last[3]()
+            param = owner._parameters.get(last[4]) if owner is not None else None
+            if getattr(denoiser, "config", None) is last[2] and param is not None and param.dtype == last[5]:
+                return last[6]
+        items = _backbone_items(adapter)
+        memo = _backbone_memo.get(denoiser)
+        first = memo[3] if memo is not None else None
+        param = first[0]._parameters.get(first[1]) if first is not None else None
+        if param is not None and str(param.dtype) == items[3][1]:
+            with contextlib.suppress(TypeError):  # not weakly referenceable: no memo
+                self._last_backbone = (
+                    weakref.ref(adapter),
+                    weakref.ref(denoiser),
+                    memo[0],
+                    weakref.ref(first[0]),
+                    first[1],
+                    param.dtype,
+                    items,
+                )
+        return items
+
+    def _template_info(self, plugins: Any, template: str, plugin: Any) -> Any:
+        """``plugins.info("template", template)``, remembered while the host, its list of infos and
+        the loaded plugin object stay the same (the info's fields are read at every call: a new
+        version there still changes the key)."""
+        infos = plugins.infos
+        memo = self._info_memo.get((id(plugins), template))
+        if (
+            memo is not None
+            and memo[0]() is plugins
+            and memo[1] is plugin
+            and memo[2] is infos
+            and memo[3] == len(infos)
+        ):
+            return memo[4]
+        info = plugins.info("template", template)
+        with contextlib.suppress(TypeError):  # a host that cannot be weakly referenced: no memo
+            self._info_memo[(id(plugins), template)] = (weakref.ref(plugins), plugin, infos, len(infos), info)
+        return info
 
     def fetch(
         self,

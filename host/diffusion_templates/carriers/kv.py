@@ -21,7 +21,7 @@ from ..cache import TemplateCache
 from ..context import Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
 from ..injection import HookSet, Injection, unique_hook_name
-from ..limits import check_kv_tokens
+from ..limits import check_kv_tokens, max_kv_tokens
 from .base import Carrier, joined_template_names
 
 
@@ -76,6 +76,25 @@ class _ExtraKVHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         with extra_kv(segment):
             return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def _first_parameter(module: torch.nn.Module) -> torch.Tensor:
+    """``next(module.parameters())`` (the same parameter: depth first, own parameters first)
+    without building torch's generator chain, a few µs per attention layer and call."""
+    found = _first_parameter_or_none(module)
+    return found if found is not None else next(module.parameters())  # StopIteration, as before
+
+
+def _first_parameter_or_none(module: torch.nn.Module) -> torch.Tensor | None:
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        if child is not None:
+            found = _first_parameter_or_none(child)
+            if found is not None:
+                return found
+    return None
 
 
 class KVInjection(Injection):
@@ -142,8 +161,10 @@ class KVCarrier(Carrier):
                 f"kv cache from template {cache.template!r} names attention layers {unknown} that "
                 f"{target.adapter.name!r} does not have; its layers are {list(available)}"
             )
+        limit = max_kv_tokens()
         for name, k in cache.keys.items():  # before any cast or copy: refuse absurd lengths up front
-            check_kv_tokens(cache.template, name, k.shape[1])
+            if k.shape[1] > limit:
+                check_kv_tokens(cache.template, name, k.shape[1])
         layers = {}
         for name, k in cache.keys.items():
             layer = available[name]
@@ -153,7 +174,7 @@ class KVCarrier(Carrier):
                     f"{tuple(k.shape[2:])}, the {target.adapter.name!r} layer expects "
                     f"({layer.heads}, {layer.head_dim})"
                 )
-            param = next(layer.module.parameters())
+            param = _first_parameter(layer.module)
             cast = {"device": param.device, "dtype": param.dtype}
             layers[name] = (layer.module, k.to(**cast), cache.values[name].to(**cast))
         return KVInjection(layers, target)
