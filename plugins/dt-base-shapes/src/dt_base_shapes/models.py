@@ -5,7 +5,7 @@
 - text encoder: a tiny random ``Qwen3ForCausalLM`` (frozen, seeded: it is never trained);
 - VAE: ``AutoencoderKLFlux2`` with three levels (64x64 pixels -> 16x16x4 latents, 2x2-patched to
   8x8x16 for the transformer), its ``bn`` running statistics set from the data;
-- transformer: ``Flux2Transformer2DModel`` (2 double + 3 single blocks, width 64);
+- transformer: ``Flux2Transformer2DModel`` (2 double + 3 single blocks, 4 heads of 32: width 128);
 - scheduler: ``FlowMatchEulerDiscreteScheduler`` without resolution-dependent shifting.
 """
 
@@ -121,7 +121,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     num_layers=2,
     num_single_layers=3,
     attention_head_dim=32,
-    num_attention_heads=2,
+    num_attention_heads=4,
     joint_attention_dim=TEXT_HIDDEN * len(TEXT_ENCODER_OUT_LAYERS),
     timestep_guidance_channels=128,
     axes_dims_rope=(8, 8, 8, 8),
