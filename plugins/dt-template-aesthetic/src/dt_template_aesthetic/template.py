@@ -26,8 +26,9 @@ class AestheticTemplate(Template):
     # Keep both in sync with the dt-carrier:/dt-backbone: keywords in pyproject.toml.
     carriers = ("lora",)
     backbones = ("flux", "flux2", "qwen_image", "sd3", "sdxl")
-    #: ``dt demo``: a LoRA bank needs files for the demo's model; set DT_AESTHETIC_LORAS (paths separated
-    #: by os.pathsep) to show one. Without it the demo reports the missing file.
+    #: ``dt demo``: the files in DT_AESTHETIC_LORAS (paths separated by os.pathsep) when set; else the
+    #: shipped ``shapes-high-key`` LoRA (trained for the dt-base-shapes demo model by ``shapes.py``; on
+    #: another base model its modules do not fit and the demo reports it as skipped).
     demo_inputs = staticmethod(lambda base_image: {"loras": _demo_loras()})
 
     def encode(self, inputs: AestheticInputs, context: EncodeContext) -> dict[str, Any]:
@@ -62,7 +63,10 @@ class AestheticTemplate(Template):
 
 
 def _demo_loras() -> list[str]:
+    """DT_AESTHETIC_LORAS' files, else the shipped shapes-high-key LoRA."""
     import os
 
+    from .shapes import SHIPPED  # a constant: importing shapes imports nothing heavy
+
     value = os.environ.get("DT_AESTHETIC_LORAS", "")
-    return [p for p in value.split(os.pathsep) if p] or ["aesthetic-lora.safetensors"]
+    return [p for p in value.split(os.pathsep) if p] or [str(SHIPPED)]
