@@ -465,3 +465,18 @@ def test_demo_and_generate_dispatch(sites: dict[str, list[str]]) -> None:
     assert (demo_args["command"], demo_args["out"], demo_args["steps"]) == ("demo", "o", 4)
     assert generate_args["command"] == "generate"
     assert (generate_args["out"], generate_args["template"]) == ("out.png", [])
+
+
+def test_keywords_scoped_to_one_template() -> None:
+    """A distribution with several templates scopes keywords with ``@<template>``; others get the rest."""
+    from diffusion_templates.plugins import _keywords
+
+    class Dist:
+        metadata = {"Keywords": "diffusion-templates,dt-carrier:guidance,dt-backbone:flux2,dt-backbone:sd3,"
+                                "dt-carrier:kv@brightness-kv,dt-backbone:flux2@brightness-kv"}
+
+    assert _keywords(Dist, "dt-carrier:", "brightness") == ("guidance",)
+    assert _keywords(Dist, "dt-backbone:", "brightness") == ("flux2", "sd3")
+    assert _keywords(Dist, "dt-carrier:", "brightness-kv") == ("kv",)
+    assert _keywords(Dist, "dt-backbone:", "brightness-kv") == ("flux2",)
+    assert _keywords(Dist, "dt-carrier:") == ("guidance",)

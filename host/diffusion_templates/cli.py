@@ -349,11 +349,16 @@ def _check_templates(host: Any) -> list[Finding]:
         if not loaded:
             continue
         objs = {i.name: host.get("template", i.name) for i in loaded}
-        meta_carriers = set(loaded[0].carriers)
-        meta_backbones = set(loaded[0].backbones) or {"*"}  # no dt-backbone keyword: no restriction claimed
+        # Keywords may be scoped to one template (dt-carrier:kv@name): each template has its own view.
+        all_meta_carriers: set[str] = set()
+        all_meta_backbones: set[str] = set()
         all_carriers: set[str] = set()
         all_backbones: set[str] = set()
         for info in loaded:
+            meta_carriers = set(info.carriers)
+            meta_backbones = set(info.backbones) or {"*"}  # no dt-backbone keyword: no restriction claimed
+            all_meta_carriers |= meta_carriers
+            all_meta_backbones |= meta_backbones
             obj = objs[info.name]
             carriers = {str(c) for c in getattr(obj, "carriers", ()) or ()}
             backbones = {str(b) for b in getattr(obj, "backbones", ("*",)) or ()} or {"*"}
@@ -380,13 +385,13 @@ def _check_templates(host: Any) -> list[Finding]:
             continue  # some templates of this distribution did not load: their attributes are unknown
         names = ", ".join(sorted(objs))
         where = Finding("template", names, dist, loaded[0].version, "metadata mismatch", "")
-        unused = sorted(meta_carriers - all_carriers)
+        unused = sorted(all_meta_carriers - all_carriers)
         if unused:
             where.message = (f"the distribution's metadata declares carrier(s) {', '.join(unused)} "
                              f"(dt-carrier keywords) that the plugin does not emit (it emits "
                              f"{_joined(sorted(all_carriers), 'none')})")
             findings.append(where)
-        unclaimed = sorted(meta_backbones - all_backbones)
+        unclaimed = sorted(all_meta_backbones - all_backbones)
         if unclaimed and "*" not in all_backbones:
             what = "declares no dt-backbone keyword (any backbone)" if unclaimed == ["*"] else (
                 f"declares backbone(s) {', '.join(unclaimed)} (dt-backbone keywords)")

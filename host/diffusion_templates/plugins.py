@@ -86,10 +86,21 @@ def _host_requirement(dist: metadata.Distribution) -> str | None:
     return None
 
 
-def _keywords(dist: metadata.Distribution, prefix: str) -> tuple[str, ...]:
+def _keywords(dist: metadata.Distribution, prefix: str, template: str | None = None) -> tuple[str, ...]:
+    """``prefix<value>`` keywords of a distribution; for ``template``, ``prefix<value>@<template>`` ones.
+
+    A distribution registering several templates with different carriers or backbones scopes each
+    keyword to its template (``dt-carrier:kv@brightness-kv``); a template with no scoped keyword of
+    that kind gets the distribution's unscoped ones.
+    """
     raw = dist.metadata.get("Keywords") or ""
     words = [w.strip() for w in raw.replace(" ", ",").split(",")]
-    return tuple(w[len(prefix) :] for w in words if w.startswith(prefix))
+    found = [w[len(prefix) :] for w in words if w.startswith(prefix)]
+    if template is not None:
+        scoped = [w.rpartition("@")[0] for w in found if w.rpartition("@")[2] == template and "@" in w]
+        if scoped:
+            return tuple(scoped)
+    return tuple(w for w in found if "@" not in w)
 
 
 def discover() -> list[PluginInfo]:
@@ -110,8 +121,8 @@ def discover() -> list[PluginInfo]:
             )
             own = canonicalize_name(dist_name) == HOST_DISTRIBUTION
             if kind == "template":
-                info.carriers = _keywords(dist, "dt-carrier:") if dist else ()
-                info.backbones = _keywords(dist, "dt-backbone:") if dist else ()
+                info.carriers = _keywords(dist, "dt-carrier:", ep.name) if dist else ()
+                info.backbones = _keywords(dist, "dt-backbone:", ep.name) if dist else ()
             elif kind == "carrier":
                 info.carriers = (ep.name,)
             else:
