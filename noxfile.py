@@ -75,3 +75,36 @@ def support_matrix(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+#: The trained zoo templates and the modules that rebuild their shipped "shapes" weights.
+TRAINED_TEMPLATES = {
+    "brightness-kv": "dt_template_brightness.shapes",
+    "color-kv": "dt_template_color.shapes",
+    "structure-kv": "dt_template_depth.shapes",
+}
+
+
+def _install_dev_unless_no_venv(session: nox.Session) -> None:
+    """requirements-dev.txt, except with ``--no-venv`` (then the current environment is used as is)."""
+    if session.venv_backend != "none":
+        session.install("-r", "requirements-dev.txt")
+
+
+@nox.session(name="train-templates")
+def train_templates(session: nox.Session) -> None:
+    """Retrain the shipped "shapes" weights of brightness-kv, color-kv and structure-kv on the embedded
+    dt-base-shapes model (rerun after the base model changes; about 5 minutes each on one core).
+    ``-- NAME ...`` retrains only those templates; ``--no-venv`` uses the current environment."""
+    _install_dev_unless_no_venv(session)
+    names = session.posargs or list(TRAINED_TEMPLATES)
+    for name in names:
+        session.run("python", "-m", TRAINED_TEMPLATES[name], env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(name="zoo-results")
+def zoo_results(session: nox.Session) -> None:
+    """Measure the trained templates next to the training-free ones; writes docs/zoo-results.md
+    (``--no-venv``: in the current environment)."""
+    _install_dev_unless_no_venv(session)
+    session.run("python", "bench/zoo_results.py", *session.posargs, env={"OMP_NUM_THREADS": "1"})
