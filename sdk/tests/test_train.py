@@ -377,3 +377,15 @@ def test_accelerate_launch(data, tmp_path, child_env):
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 2 and record["processes"] == 1
     assert time.perf_counter() - started < 120
+
+
+def test_a_text_encoder_that_needs_other_call_settings_gets_a_clear_error(shapes, data, tmp_path):
+    """The shapes text encoder has 2 layers; FLUX.2's default picks layers (9, 18, 27)."""
+
+    def bare(cfg: TrainConfig) -> dict:  # the pipeline without the base model's call settings
+        return train(cfg, pipe=shapes, call_kwargs={}, plugins=make_host(), progress=False)
+
+    with pytest.raises(TrainError, match="--call-kwargs"):
+        bare(config(data, tmp_path / "out"))
+    record = bare(config(data, tmp_path / "out2", steps=1, call_kwargs={"text_encoder_out_layers": [1, 2]}))
+    assert len(record["losses"]) == 1

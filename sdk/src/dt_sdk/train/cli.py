@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the denoiser's blocks in backward (less memory, more time)")
     parser.add_argument("--model-config", default="{}", help="JSON object for the plugin's new_model(...)")
+    parser.add_argument("--call-kwargs", default="{}",
+                        help="JSON object: pipeline call arguments for encoding captions (e.g. "
+                             "text_encoder_out_layers, max_sequence_length); default: the base model's")
     parser.add_argument("--init", type=Path, default=None, help="start from save_pretrained weights")
     parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
     parser.add_argument("--caption-dropout", type=float, default=0.0)
@@ -69,12 +72,18 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model_config, dict):
         return fail("--model-config must be a JSON object")
     try:
+        call_kwargs = json.loads(args.call_kwargs)
+    except json.JSONDecodeError as exc:
+        return fail(f"--call-kwargs is not JSON: {exc}")
+    if not isinstance(call_kwargs, dict):
+        return fail("--call-kwargs must be a JSON object")
+    try:
         cfg = TrainConfig(
             template=args.template, data=args.data, out=args.out, base=args.base, steps=args.steps,
             batch=args.batch, lr=args.lr, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
             cache_dir=args.cache_dir, model_config=model_config, init=args.init, size=args.size,
             caption_dropout=args.caption_dropout, max_rows=args.max_rows, log_every=args.log_every,
-            save_every=args.save_every,
+            save_every=args.save_every, call_kwargs=call_kwargs,
         )
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

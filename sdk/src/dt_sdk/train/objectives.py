@@ -78,12 +78,23 @@ class Flux2FlowMatching(Objective):
     def encode_caption(self, caption: str) -> dict[str, torch.Tensor]:
         from diffusion_templates.imaging import call_argument
 
-        text, text_ids = self.pipe.encode_prompt(
-            prompt=[caption],
-            device=self.pipe._execution_device,
-            max_sequence_length=call_argument(self.pipe, self.call_kwargs, "max_sequence_length"),
-            text_encoder_out_layers=call_argument(self.pipe, self.call_kwargs, "text_encoder_out_layers"),
-        )
+        layers = call_argument(self.pipe, self.call_kwargs, "text_encoder_out_layers")
+        length = call_argument(self.pipe, self.call_kwargs, "max_sequence_length")
+        try:
+            text, text_ids = self.pipe.encode_prompt(
+                prompt=[caption],
+                device=self.pipe._execution_device,
+                max_sequence_length=length,
+                text_encoder_out_layers=layers,
+            )
+        except (IndexError, ValueError, RuntimeError) as exc:
+            # Typically a small text encoder with fewer layers than the pipeline's default picks.
+            raise TrainError(
+                f"encoding the caption {caption!r} with the base model failed ({type(exc).__name__}: {exc}) "
+                f"using text_encoder_out_layers={tuple(layers)}, max_sequence_length={length}; pass the "
+                "base model's own settings with --call-kwargs (TrainConfig.call_kwargs), e.g. "
+                '\'{"text_encoder_out_layers": [1, 2], "max_sequence_length": 32}\''
+            ) from exc
         return {"text": text, "txt_ids": text_ids}
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator, schedule: str) -> dict[str, torch.Tensor]:
