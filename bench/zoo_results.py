@@ -266,15 +266,27 @@ def report(results: dict[str, Any], seconds: float, calls: int) -> str:
         "AdamW on the Template model only, the frozen base model's flow-matching loss with the "
         "template's kv cache injected), on data sets that each package's `shapes.py` builds from "
         "`dt_base_shapes.data` (3000 seeded training-split samples; half the captions leave out what "
-        "the template controls; for brightness, half the images are also blended toward white or "
-        "black). Times are wall-clock on a shared, busy 2-core machine, one thread each (two "
-        "trainings overlapped), so they overstate the cost of an idle core.",
+        "the template controls). Times are wall-clock on a shared, busy 2-core machine, one thread each "
+        "(some trainings overlapped), so they overstate the cost of an idle core.",
         "",
         "| template | steps x batch | rows | stage 1 + training | loss (first -> last 5%) |",
         "|---|---|---|---|---|",
         _train_line("brightness-kv", _training("dt_template_brightness.kv")),
         _train_line("color-kv", _training("dt_template_color.kv")),
         _train_line("structure-kv", _training("dt_template_depth.structure")),
+        "",
+        "## Limits, and what the numbers do not see",
+        "",
+        "- The metrics are image means: they cannot see texture. A first `brightness-kv` recipe also "
+        "blended half of its training images toward white or black; it scored well here (Spearman "
+        "0.95) while its bright images were covered in textured artefacts, because the shapes VAE "
+        "cannot draw washed-out colours. The shipped weights train on the palette images only; the "
+        "images were inspected, not only measured (`dt demo` shows each template).",
+        "- `color-kv` learnt the eight palette colours of `dt_base_shapes.data` and is measured on "
+        "them. Other colours are outside its training data: CSS `orange` (255, 165, 0) instead of the "
+        "palette's (245, 140, 30) gives a faint outline instead of a filled shape.",
+        "- Each trained template controls what the caption leaves open; where the caption names the "
+        "same attribute, the caption wins (the full-caption rows above).",
         "",
         "## Models",
         "",

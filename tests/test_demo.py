@@ -23,6 +23,23 @@ def test_demo_writes_contact_sheet_and_report(tmp_path):
     assert "Skipped test-flaky" in report  # a failing plugin is reported, not fatal
 
 
+def test_a_template_with_a_demo_prompt_is_measured_against_that_prompt_alone(tmp_path):
+    from diffusion_templates.plugins import default_host
+
+    kv = default_host().get("template", "test-kv")  # an installed template, given a demo prompt here
+    try:
+        kv.demo_prompt = lambda prompt: prompt + " at night"
+        args = argparse.Namespace(command="demo", out=str(tmp_path / "demo"), steps=2, base=None)
+        assert demo.main(args) == 0
+    finally:
+        del kv.demo_prompt
+    report = (tmp_path / "demo" / "report.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    night = [label for label in rows if label.startswith("no template:") and label.endswith("at night")]
+    assert len(night) == 1  # the reference: the same prompt without templates, rendered once
+    assert "at night`" in rows["test-kv"] and "| - |" in rows["test-lora"]
+
+
 def test_generate_parses_template_arguments_and_job_file(tmp_path):
     job = tmp_path / "job.json"
     spec = {"prompt": "a blue square", "templates": [{"template": "test-lora", "rank": 2}]}

@@ -29,6 +29,7 @@ BASE_MODELS_GROUP = "diffusion_templates.base_models"
 FUSIONS = [
     ("superres", "sharpness"),
     ("depth", "color", "brightness"),
+    ("structure-kv", "color-kv", "brightness-kv"),  # the same idea with the trained shapes templates
     ("depth", "aesthetic", "sharpness"),
     ("inpaint", "edit", "brightness"),
 ]
@@ -107,7 +108,7 @@ def contact_sheet(tiles: list[tuple[str, Image.Image]], columns: int = 4, tile: 
     for i, (label, image) in enumerate(tiles):
         x, y = (i % columns) * tile, (i // columns) * (tile + 18)
         sheet.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (x, y + 18))
-        draw.text((x + 4, y + 3), label[:30], fill="black")
+        draw.text((x + 4, y + 3), label[:32], fill="black")
     return sheet
 
 
@@ -210,6 +211,18 @@ def generate(args: argparse.Namespace) -> int:
 
 
 # -- dt demo ------------------------------------------------------------------------------------------
+def _demo_prompt(plugin: Any, prompt: str) -> str:
+    """A template's demo prompt: its ``demo_prompt`` (a string, or a function of the demo's prompt).
+
+    A trained template controls what the caption leaves open (the brightness of an unnamed
+    background, the colour of an uncoloured shape): its demo tile uses a caption without it.
+    """
+    custom = getattr(plugin, "demo_prompt", None)
+    if callable(custom):
+        return str(custom(prompt))
+    return str(custom) if custom else prompt
+
+
 def _demo_inputs(plugin: Any, base_image: Image.Image) -> dict[str, Any]:
     """A template's demo inputs: its ``demo_inputs`` (a dict, or a function of the base image)."""
     inputs = getattr(plugin, "demo_inputs", None)
@@ -247,7 +260,7 @@ def _demo(args: argparse.Namespace, host: PluginHost, out: Path, base: BaseModel
 
     seconds: dict[str, float] = {}
 
-    def render(templates: list[dict[str, Any]], label: str) -> Image.Image:
+    def render(templates: list[dict[str, Any]], label: str, prompt: str) -> Image.Image:
         start = time.perf_counter()
         image = tp(
             prompt=prompt, templates=templates, generator=torch.Generator().manual_seed(0), **kwargs
@@ -256,29 +269,47 @@ def _demo(args: argparse.Namespace, host: PluginHost, out: Path, base: BaseModel
         return image
 
     print(f"base model: {base.description}")
-    runs: list[tuple[str, list[dict[str, Any]]]] = []
-    base_image = render([], "base")
-    tiles, rows, skipped = [("base", base_image)], [("base", image_stats(base_image))], []
+    runs: list[tuple[str, list[dict[str, Any]], str]] = []
+    base_image = render([], "base", prompt)
+    base_stats = image_stats(base_image)
+    tiles = [("base", base_image)]
+    Row = tuple[str, dict[str, float], str, dict[str, float]]  # label, stats, prompt, reference stats
+    rows: list[Row] = [("base", base_stats, prompt, base_stats)]
+    skipped: list[tuple[str, str]] = []
+    references = {prompt: base_stats}  # each prompt's image without templates: what Δ is measured from
     names = host.names("template")
     for name in names:
         try:
-            runs.append((name, [{"template": name, **_demo_inputs(host.get("template", name), base_image)}]))
+            plugin = host.get("template", name)
+            spec = {"template": name, **_demo_inputs(plugin, base_image)}
+            runs.append((name, [spec], _demo_prompt(plugin, prompt)))
         except TemplateError as exc:
             skipped.append((name, str(exc)))
     for combo in FUSIONS:
         if all(n in names for n in combo):
-            specs = [s for n in combo for label, group in runs if label == n for s in group]
-            runs.append((" + ".join(combo), specs))
-    for i, (label, specs) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {label}")
+            found = {label: (group, own) for label, group, own in runs}
+            if not all(n in found for n in combo):
+                continue
+            specs = [s for n in combo for s in found[n][0]]
+            fused = prompt
+            for n in combo:  # each member leaves out what it controls
+                fused = _demo_prompt(host.get("template", n), fused)
+            runs.append((" + ".join(combo), specs, fused))
+    for i, (label, specs, own) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {label}" + (f" (prompt: {own!r})" if own != prompt else ""))
+        if own not in references:
+            reference = render([], f"no template: {own}", own)
+            references[own] = image_stats(reference)
+            tiles.append((f"no template: {own}", reference))
+            rows.append((f"no template: {own}", references[own], own, references[own]))
         try:
-            image = render(specs, label)
+            image = render(specs, label, own)
         except TemplateError as exc:
             skipped.append((label, str(exc)))
             continue
         image.save(out / f"{label.replace(' + ', '+')}.png")
         tiles.append((label, image))
-        rows.append((label, image_stats(image)))
+        rows.append((label, image_stats(image), own, references[own]))
     base_image.save(out / "base.png")
     contact_sheet(tiles).save(out / "contact_sheet.png")
     elapsed = time.perf_counter() - started
@@ -314,17 +345,21 @@ def _report(description: str, prompt: str, rows, skipped, timing: dict[str, Any]
         "",
         f"Prompt: `{prompt}`",
         "",
-        "Measured on each output image (pixel values in [0, 1]; Δ = change from the base image):",
+        "Measured on each output image (pixel values in [0, 1]; Δ = change from the image of the same "
+        "prompt without templates). Trained templates control what the caption leaves open, so their "
+        "rows use a caption without it (the prompt column; \"-\" = the prompt above).",
         "",
-        "| run | luminance | Δ luminance | mean R | mean G | mean B | HF energy | Δ HF energy | time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | prompt | luminance | Δ luminance | mean R | mean G | mean B | HF energy | Δ HF energy "
+        "| time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = rows[0][1]
     seconds = timing.get("seconds", {})
-    for label, s in rows:
+    for label, s, own, ref in rows:
         took = f"{seconds[label]:.2f} s" if label in seconds else "-"
+        shown = "-" if own == prompt else f"`{own}`"
         lines.append(
-            f"| {label} | {s['luminance']:.3f} | {s['luminance'] - ref['luminance']:+.3f} | {s['r']:.3f} "
+            f"| {label} | {shown} | {s['luminance']:.3f} | {s['luminance'] - ref['luminance']:+.3f} "
+            f"| {s['r']:.3f} "
             f"| {s['g']:.3f} | {s['b']:.3f} | {s['hf_energy']:.4f} "
             f"| {s['hf_energy'] - ref['hf_energy']:+.4f} | {took} |"
         )

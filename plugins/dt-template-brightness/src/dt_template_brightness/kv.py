@@ -223,6 +223,8 @@ class BrightnessKVTemplate(ValueKVTemplate):
     Inputs = BrightnessKVInputs
     Model = BrightnessKVModel
     demo_inputs = staticmethod(demo_inputs)
+    #: For ``dt demo``: the caption without its background phrase, whose brightness the template decides.
+    demo_prompt = staticmethod(lambda prompt: prompt.partition(" on ")[0])
     # Keep in sync with the dt-carrier:kv@brightness-kv / dt-backbone:flux2@brightness-kv keywords.
     carriers = ("kv",)
     backbones = ("flux2",)

@@ -234,12 +234,24 @@ class ValueKVTemplate(Template):
         )
 
 
+#: The shapes model's colour words (its captions name the shape's colour before the shape).
+SHAPES_COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
+
+
+def demo_prompt(prompt: str) -> str:
+    """For ``dt demo``: the caption without the shape's colour, which the template now decides."""
+    subject, sep, background = prompt.partition(" on ")
+    subject = " ".join(w for w in subject.split() if w not in SHAPES_COLOURS)
+    return f"{subject}{sep}{background}"
+
+
 class ColorKVTemplate(ValueKVTemplate):
     """Sets the colour of the shape to ``color`` through learned extra attention tokens (trained)."""
 
     Inputs = ColorKVInputs
     Model = ColorKVModel
-    demo_inputs = {"color": "orange"}  # for ``dt demo``
+    demo_inputs = {"color": "#f58c1e"}  # for ``dt demo``: the shapes palette's orange (trained on it)
+    demo_prompt = staticmethod(demo_prompt)
     # Keep in sync with the dt-carrier:kv@color-kv / dt-backbone:flux2@color-kv keywords.
     carriers = ("kv",)
     backbones = ("flux2",)

@@ -227,12 +227,25 @@ def demo_inputs(base_image: Any) -> dict[str, Any]:
     return {"mask": ((xx - width * 0.3) ** 2 + (yy - height * 0.3) ** 2 <= r * r).astype(np.float32)}
 
 
+#: The shapes model's colour words (its captions name the shape's colour before the shape).
+SHAPES_COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
+
+
+def demo_prompt(prompt: str) -> str:
+    """For ``dt demo``: the caption without size, shape and position ("a red shape on a ... background"),
+    which the mask now decides."""
+    subject, sep, background = prompt.partition(" on ")
+    colours = [w for w in subject.split() if w in SHAPES_COLOURS]
+    return f"a {colours[0]} shape{sep}{background}" if colours else f"a shape{sep}{background}"
+
+
 class StructureKVTemplate(Template):
     """Draws the object in the silhouette ``mask`` through learned, positioned extra attention tokens."""
 
     Inputs = StructureKVInputs
     Model = StructureKVModel
     demo_inputs = staticmethod(demo_inputs)
+    demo_prompt = staticmethod(demo_prompt)
     # Keep in sync with the dt-carrier:kv@structure-kv / dt-backbone:flux2@structure-kv keywords.
     carriers = ("kv",)
     backbones = ("flux2",)
