@@ -77,6 +77,16 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
 
 
+@nox.session(name="train-shapes")
+def train_shapes(session: nox.Session) -> None:
+    """Retrain the embedded base model dt-base-shapes into ``-- --out FOLDER`` (about 45 minutes of one
+    core; the committed weights came from this command). Then copy FOLDER over
+    plugins/dt-base-shapes/src/dt_base_shapes/weights/ and run ``nox -s train-templates``."""
+    _install_dev_unless_no_venv(session)
+    args = session.posargs or ["--out", "dt-base-shapes-weights"]
+    session.run("dt-base-shapes", "train", *args)
+
+
 #: The trained zoo templates and the modules that rebuild their shipped "shapes" weights.
 TRAINED_TEMPLATES = {
     "brightness-kv": "dt_template_brightness.shapes",
