@@ -420,19 +420,17 @@ class PeftCycle:
 
 @contextlib.contextmanager
 def fused_lora(transformer: torch.nn.Module, lora: LoraCache) -> Iterator[None]:
-    """The weights with ``lora`` (a merged cache) added in place, restored from a backup copy on exit
-    (never by subtracting the delta: that drifts, see shared/notes/diffusers-notes.md)."""
-    backup = {}
-    with torch.no_grad():
-        for path in lora.down:
-            weight = transformer.get_submodule(path).weight
-            backup[path] = weight.detach().clone()
-            down = lora.down[path].to(weight.device, torch.float32)
-            up = lora.up[path].to(weight.device, torch.float32)
-            weight.copy_((weight.float() + (up @ down) * lora.scale_of(path)).to(weight.dtype))
+    """The weights with ``lora`` (a merged cache) added in place, restored from a backup copy on exit:
+    the host's own fusion code (``TemplatePipeline(lora_fusion=...)``), so the row measures it."""
+    from diffusion_templates.carriers.lora import fuse_into_weights, restore_weights
+
+    modules = []
+    for path in lora.down:
+        module = transformer.get_submodule(path)
+        cast = {"device": module.weight.device, "dtype": module.weight.dtype}
+        modules.append((module, lora.down[path].to(**cast), lora.up[path].to(**cast), lora.scale_of(path)))
+    backups = fuse_into_weights(modules)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for path, saved in backup.items():
-                transformer.get_submodule(path).weight.copy_(saved)
+        restore_weights(backups)

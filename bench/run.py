@@ -624,6 +624,21 @@ def markdown(report: Report, meta: dict[str, Any], pngs: list[str]) -> str:
                 f"{fmt_time(d['fuse'])} | {d['breakeven']:.0f} steps |"
                 for d in curve
             ]
+            if key.endswith("medium"):
+                lines += [
+                    "",
+                    "Fusing pays on long calls, so it is offered: "
+                    "`TemplatePipeline(pipe, lora_fusion=\"auto\")` writes the LoRA into the weights (the "
+                    "same `fuse_into_weights` measured as \"step: "
+                    "fused\" here) for calls of at least `FUSE_MIN_STEPS` = 16 steps, the largest "
+                    "break-even above rounded up, and puts the weights back from a copy afterwards (bit "
+                    "for bit, never by subtraction). It fuses only where that is exact: not when "
+                    "classifier-free guidance runs a branch the LoRA must miss, never for negative "
+                    "templates. The default stays `\"off\"` (unfused hooks): fused weights would be "
+                    "visible to a raw diffusers call of the same modules from another thread while the "
+                    "call runs. `tests/test_lora_fusion.py` checks fused = unfused (< 1e-4) on all five "
+                    "backbones and the restoration.",
+                ]
     if pngs:
         lines += ["", *[f"![{p}]({p})" for p in pngs]]
     else:

@@ -69,10 +69,29 @@ class TemplatePipeline:
     own output type comes back. Attribute access falls through to the wrapped pipeline.
     """
 
-    def __init__(self, pipe: Any, *, plugins: PluginHost | None = None, store: Any = "default"):
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        plugins: PluginHost | None = None,
+        store: Any = "default",
+        lora_fusion: str = "off",
+    ):
         """``store``: where computed caches are kept and reused (``store.py``); default an in-memory
-        ``TemplateCacheStore()`` of 512 MiB for this pipeline, ``None`` computes every time."""
+        ``TemplateCacheStore()`` of 512 MiB for this pipeline, ``None`` computes every time.
+
+        ``lora_fusion``: ``"off"`` (default) runs LoRA caches unfused, as hooks; ``"auto"`` writes
+        them into the weights for calls of at least ``carriers.lora.FUSE_MIN_STEPS`` steps where
+        the LoRA reaches every denoiser call (no CFG branch it must miss), restoring the weights from
+        a copy afterwards; ``"on"`` fuses whenever that is exact. Fused weights are visible to raw
+        diffusers calls of the same modules from other threads while the call runs.
+        """
+        from .carriers.lora import LORA_FUSION_MODES
         from .store import TemplateCacheStore
+
+        if lora_fusion not in LORA_FUSION_MODES:
+            raise ValueError(f"lora_fusion must be one of {LORA_FUSION_MODES}, got {lora_fusion!r}")
+        self.lora_fusion = lora_fusion
 
         self.pipe = pipe
         self.plugins = plugins or default_host()
@@ -237,7 +256,7 @@ class TemplatePipeline:
         if args:  # carriers read and rewrite the call's arguments by name
             bound = inspect.signature(self.pipe.__call__).bind_partial(*args, **kwargs)
             args, kwargs = (), dict(bound.arguments)
-        call = CallState(kwargs=dict(kwargs))
+        call = CallState(kwargs=dict(kwargs), extras={"lora_fusion": self.lora_fusion})
         # Encoding runs under the lock too: template models may run the pipeline's VAE and text
         # encoders, and some keep per-call state on their modules (Qwen-Image's VAE caches).
         with denoiser_lock(self.adapter.denoiser):
