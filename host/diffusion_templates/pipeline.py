@@ -92,6 +92,7 @@ class TemplatePipeline:
         if lora_fusion not in LORA_FUSION_MODES:
             raise ValueError(f"lora_fusion must be one of {LORA_FUSION_MODES}, got {lora_fusion!r}")
         self.lora_fusion = lora_fusion
+        self._checked: dict[str, Any] = {}  # template name -> plugin object whose backbone check passed
 
         self.pipe = pipe
         self.plugins = plugins or default_host()
@@ -132,7 +133,9 @@ class TemplatePipeline:
         except Exception as exc:  # the plugin's own validator crashed on this input (e.g. OSError)
             problem = f"the template's input validation raised {type(exc).__name__}: {exc}"
             raise TemplateInputError(name, [("<inputs>", problem, fields)]) from exc
-        self._check_backbone(name, plugin)
+        if self._checked.get(name) is not plugin:  # once per plugin object: it is on every call's path
+            self._check_backbone(name, plugin)
+            self._checked[name] = plugin
         return ResolvedTemplate(name, inputs)
 
     def _check_backbone(self, name: str, plugin: Any) -> None:
