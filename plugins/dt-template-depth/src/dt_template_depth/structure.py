@@ -21,7 +21,6 @@ attention layout they fit is in their config and checked before anything runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,52 +31,20 @@ from diffusers.configuration_utils import register_to_config
 from pydantic import Field, field_validator
 from torch import nn
 
-from diffusion_templates import EncodeContext, KVCache, Template, TemplateError, TemplateInputs, TemplateModel
+from diffusion_templates import EncodeContext, TemplateInputs, TemplateModel
 from diffusion_templates.pictures import to_mask
+from diffusion_templates.trained import TrainedKVTemplate, module_key, resolve_weights
+from diffusion_templates.trained import shipped_weights as _shipped_weights
 
 #: Shipped weights: ``weights/<name>/`` next to this module.
 WEIGHTS = Path(__file__).parent / "weights"
-#: Untrained models are initialised from this seed.
-INIT_SEED = 0
 #: The conv encoder halves the mask three times: it sees 8 x 8 pixels per latent grid cell.
 CELL = 8
 
 
 def shipped_weights() -> list[str]:
-    if not WEIGHTS.is_dir():
-        return []
-    return sorted(p.name for p in WEIGHTS.iterdir() if (p / "config.json").is_file())
-
-
-def resolve_weights(value: str, shipped: Path = WEIGHTS) -> Path:
-    """A shipped weights name or a local folder -> the folder (``ValueError`` when neither)."""
-    if "/" not in value and "\\" not in value and (shipped / value / "config.json").is_file():
-        return shipped / value
-    folder = Path(os.path.expanduser(value))
-    if folder.is_dir():
-        return folder
-    names = (
-        sorted(p.name for p in shipped.iterdir() if (p / "config.json").is_file()) if shipped.is_dir() else []
-    )
-    raise ValueError(
-        f"{value!r} is neither a shipped weights name ({', '.join(names) or 'none shipped'}) nor a local "
-        "folder saved with save_pretrained"
-    )
-
-
-def attention_layout(context: EncodeContext) -> dict[str, list[int]]:
-    return {name: [layer.heads, layer.head_dim] for name, layer in context.adapter.attention_layers().items()}
-
-
-def check_layout(model: TemplateModel, context: EncodeContext, weights: str) -> None:
-    have = {name: list(hd) for name, hd in dict(model.config.layers).items()}
-    want = attention_layout(context)
-    if have != want:
-        raise TemplateError(
-            f"template {context.template!r}: the weights {weights!r} (field 'weights') were trained for "
-            f"attention layers {have}, but the {context.adapter.name!r} pipeline has {want} (layer: "
-            "[heads, head_dim]); train weights for this base model (see dt_template_depth.shapes)"
-        )
+    """Names of the weights that ship with the package."""
+    return _shipped_weights(WEIGHTS)
 
 
 def token_grid(context: EncodeContext | None, height: int, width: int) -> tuple[int, int]:
@@ -111,10 +78,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
-
-
-def module_key(layer: str) -> str:
-    return layer.replace(".", "__")
 
 
 class StructureKVModel(TemplateModel):
@@ -209,11 +172,7 @@ class StructureKVInputs(TemplateInputs):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
-        if not isinstance(value, str):
-            raise ValueError(
-                f"weights must be a string (a shipped name or a folder), got {type(value).__name__}"
-            )
-        resolve_weights(value)
+        resolve_weights(value, WEIGHTS)
         return value
 
 
@@ -239,7 +198,7 @@ def demo_prompt(prompt: str) -> str:
     return f"a {colours[0]} shape{sep}{background}" if colours else f"a shape{sep}{background}"
 
 
-class StructureKVTemplate(Template):
+class StructureKVTemplate(TrainedKVTemplate):
     """Draws the object in the silhouette ``mask`` through learned, positioned extra attention tokens."""
 
     Inputs = StructureKVInputs
@@ -249,25 +208,4 @@ class StructureKVTemplate(Template):
     # Keep in sync with the dt-carrier:kv@structure-kv / dt-backbone:flux2@structure-kv keywords.
     carriers = ("kv",)
     backbones = ("flux2",)
-
-    def new_model(self, context: EncodeContext, **model_config: Any) -> StructureKVModel:
-        """An untrained model sized for the pipeline's attention layers (seeded)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(INIT_SEED)
-            model = StructureKVModel(layers=attention_layout(context), **model_config)
-        return model.to(context.device)
-
-    def model(self, inputs: StructureKVInputs, context: EncodeContext) -> StructureKVModel:
-        from diffusion_templates import models
-
-        model = models.load(StructureKVModel, resolve_weights(inputs.weights), device=context.device)
-        check_layout(model, context, inputs.weights)
-        return model
-
-    def encode(self, inputs: StructureKVInputs, context: EncodeContext) -> dict[str, dict[str, torch.Tensor]]:
-        return self.model(inputs, context).encode(inputs, context)
-
-    def to_cache(self, representation: dict[str, dict[str, torch.Tensor]], context: EncodeContext) -> KVCache:
-        return KVCache(
-            keys=representation["keys"], values=representation["values"], template=context.template
-        )
+    weights_dir = WEIGHTS
