@@ -273,6 +273,17 @@ def test_stale_stage1_cache_is_refused(shapes, data, tmp_path):
         run_train(config(data, tmp_path / "stale", steps=1, max_rows=5), shapes)
 
 
+def test_a_stale_stage1_cache_is_recomputed_when_asked(shapes, data, tmp_path):
+    cfg = config(data, tmp_path / "stale", steps=1, max_rows=4)
+    precompute(cfg, pipe=shapes, call_kwargs=dict(dt_base_shapes.CALL_KWARGS), plugins=make_host(),
+               progress=False)
+    other = config(data, tmp_path / "stale", steps=1, max_rows=5)  # another data set: stale
+    record = run_train(other, shapes, stale="recompute")
+    assert len(record["losses"]) == 1
+    with pytest.raises(StaleCacheError):  # "train" never computes stage 1
+        run_train(cfg, shapes, stages="train", stale="recompute")
+
+
 # -- (e) bad data ------------------------------------------------------------------------------------------
 def test_bad_rows_are_reported_before_training(shapes, data, tmp_path):
     bad = tmp_path / "bad"

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -220,7 +218,9 @@ def build_dataset(out: str | Path, n: int = RECIPE["n"], seed: int = 0) -> Path:
 
 def default_data_dir() -> Path:
     """Where the data set and the stage-1 cache go by default (outside the package: they never ship)."""
-    return Path(tempfile.gettempdir()) / "dt-shapes-templates" / "aesthetic-high-key"
+    from dt_base_shapes.recipes import data_dir
+
+    return data_dir("aesthetic-high-key")
 
 
 def train_shapes(
@@ -244,47 +244,17 @@ def train_shapes(
     The ``dt train`` folder (``config.json``, the factors, ``training.json``) goes to ``<data>/model``;
     ``<out>.json`` gets the training record without the per-step losses. Returns the record.
     """
-    from dt_base_shapes import CALL_KWARGS
-
-    from dt_sdk.train import StaleCacheError, TrainConfig, train
+    from dt_base_shapes.recipes import train_template
 
     out = Path(out)
     data = Path(data) if data is not None else default_data_dir()
-    t0 = time.perf_counter()
-    if not (data / "rows" / "samples.jsonl").is_file() or len(
-        (data / "rows" / "samples.jsonl").read_text().splitlines()
-    ) != n:
-        for part in ("rows", "stage1"):  # only what this recipe wrote there
-            shutil.rmtree(data / part, ignore_errors=True)
-        build_dataset(data / "rows", n=n, seed=seed)
-    log(f"shapes-high-key: data set {data} ready in {time.perf_counter() - t0:.1f} s")
-    cfg = TrainConfig(
-        template=TEMPLATE,
-        data=data / "rows",
-        out=data / "model",
-        base=base,
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        seed=seed,
-        caption_dropout=caption_dropout,
-        cache_dir=data / "stage1",
-        model_config={"rank": rank, "targets": targets},
-        call_kwargs={
-            "max_sequence_length": CALL_KWARGS["max_sequence_length"],
-            "text_encoder_out_layers": CALL_KWARGS["text_encoder_out_layers"],
-        },
-        log_every=50,
+    model_dir = data / "model"
+    record = train_template(
+        TEMPLATE, build_dataset, model_dir, data=data, n=n, seed=seed, log=log, pipe=pipe,
+        plugins=make_host(), steps=steps, batch=batch, lr=lr, base=base, caption_dropout=caption_dropout,
+        model_config={"rank": rank, "targets": targets}, log_every=50,
     )
-    kwargs: dict[str, Any] = {"plugins": make_host(), "progress": False}
-    if pipe is not None:
-        kwargs.update(pipe=pipe, call_kwargs=dict(CALL_KWARGS))
-    try:
-        record = train(cfg, **kwargs)
-    except StaleCacheError:  # made for another base model (or data set): recompute it
-        shutil.rmtree(cfg.stage1_dir)
-        record = train(cfg, **kwargs)
-    export_lora(cfg.out, out)
+    export_lora(model_dir, out)
     summary = {k: v for k, v in record.items() if k != "losses"}
     summary["recipe"] = {"n": n, "look": "high-key", "rank": rank, "targets": targets}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))

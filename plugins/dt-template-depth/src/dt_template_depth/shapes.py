@@ -15,11 +15,7 @@ on those rows only the template says where the shape is and what outline it has.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +58,6 @@ def build_dataset(
     return out
 
 
-def default_data_dir() -> Path:
-    """Where the data set and the stage-1 cache go by default (outside the package: they never ship)."""
-    return Path(tempfile.gettempdir()) / "dt-shapes-templates" / TEMPLATE
-
-
 def train_shapes(
     out: str | Path = WEIGHTS / "shapes",
     *,
@@ -83,61 +74,20 @@ def train_shapes(
 
     Writes ``save_pretrained(out)`` and ``out/training.json``; returns the training record.
     """
-    from dt_base_shapes import CALL_KWARGS
+    from dt_base_shapes.recipes import train_template
 
-    from dt_sdk.train import StaleCacheError, TrainConfig, train
-
-    out = Path(out)
-    data = Path(data) if data is not None else default_data_dir()
-    t0 = time.perf_counter()
-    if not (data / "rows" / "samples.jsonl").is_file():
-        build_dataset(data / "rows", n=n, seed=seed)
-    log(f"{TEMPLATE}: data set {data} ready in {time.perf_counter() - t0:.1f} s")
-    cfg = TrainConfig(
-        template=TEMPLATE,
-        data=data / "rows",
-        out=out,
-        base=base,
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        seed=seed,
-        cache_dir=data / "stage1",
-        # How dt-base-shapes encodes captions (also for a --base folder, whose pipeline defaults differ).
-        call_kwargs={
-            "max_sequence_length": CALL_KWARGS["max_sequence_length"],
-            "text_encoder_out_layers": CALL_KWARGS["text_encoder_out_layers"],
-        },
-        log_every=25,
+    return train_template(
+        TEMPLATE, build_dataset, out, data=data, n=n, seed=seed, log=log,
+        steps=steps, batch=batch, lr=lr, base=base, log_every=25,
     )
-    try:
-        record = train(cfg, progress=False)
-    except StaleCacheError:  # made for another base model (or data set): recompute it
-        shutil.rmtree(cfg.stage1_dir)
-        record = train(cfg, progress=False)
-    log(f"{TEMPLATE}: trained {record['steps']} steps in {record['seconds']['total']:.0f} s -> {out}")
-    return record
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(WEIGHTS / "shapes"))
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"])
-    parser.add_argument("--batch", type=int, default=RECIPE["batch"])
-    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
-    parser.add_argument("--seed", type=int, default=RECIPE["seed"])
-    parser.add_argument(
-        "--base", default=None, help="diffusers folder of the base model (default: dt-base-shapes)"
-    )
-    args = parser.parse_args(argv)
+    from dt_base_shapes.recipes import recipe_parser
+
+    args = recipe_parser(__doc__.split("\n")[0], RECIPE, WEIGHTS / "shapes").parse_args(argv)
     train_shapes(
-        args.out,
-        data=args.data,
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        seed=args.seed,
+        args.out, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         base=args.base,
     )
 

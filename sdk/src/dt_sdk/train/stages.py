@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, TrainError
+from .config import StaleCacheError, TrainConfig, TrainError
 from .session import Session, checkpointing, frozen, open_session
 from .stage1 import Features, Stage1Reader, Stage1Writer, read_index
 
@@ -205,12 +205,14 @@ def train(
     call_kwargs: dict[str, Any] | None = None,
     plugins: Any = None,
     progress: bool = True,
+    stale: Literal["refuse", "recompute"] = "refuse",
 ) -> dict[str, Any]:
     """Train the template's model; save it to ``cfg.out`` with ``training.json``; return that record.
 
     ``stages``: ``"all"`` runs stage 1 first when its cache is missing, then stage 2 from the cache;
     ``"train"`` needs the cache; ``"one"`` computes stage 1's work per batch and writes no cache.
-    A stale cache (another base model, template or data set) is refused.
+    A stale cache (another base model, template or data set) is refused, or with
+    ``stale="recompute"`` (and ``stages="all"``) computed again, as scripted retraining wants.
     """
     if stages not in ("all", "train", "one"):
         raise TrainError(f"stages must be 'all', 'train' or 'one', not {stages!r}")
@@ -229,17 +231,27 @@ def train(
         with torch.no_grad():
             empty = session.objective.encode_caption("")
     else:
+
+        def run_stage1() -> float:
+            t0 = time.perf_counter()
+            if accelerator.is_main_process:
+                _precompute(session, progress)
+            accelerator.wait_for_everyone()
+            return time.perf_counter() - t0
+
         if read_index(cfg.stage1_dir) is None:
             if stages == "train":
                 raise TrainError(
                     f"no stage-1 cache in {cfg.stage1_dir}: run stage 1 first (--stage precompute)"
                 )
-            t0 = time.perf_counter()
-            if accelerator.is_main_process:
-                _precompute(session, progress)
-            accelerator.wait_for_everyone()
-            stage1_seconds = time.perf_counter() - t0
-        reader = Stage1Reader(cfg.stage1_dir, session.fingerprint())
+            stage1_seconds = run_stage1()
+        try:
+            reader = Stage1Reader(cfg.stage1_dir, session.fingerprint())
+        except StaleCacheError:
+            if stale != "recompute" or stages == "train":
+                raise
+            stage1_seconds = run_stage1()  # precompute replaces the whole cache
+            reader = Stage1Reader(cfg.stage1_dir, session.fingerprint())
         if len(reader) != len(session.rows):
             raise TrainError(
                 f"stage-1 cache {cfg.stage1_dir} has {len(reader)} rows, the data set {len(session.rows)}"
