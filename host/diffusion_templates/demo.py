@@ -285,12 +285,10 @@ def _demo(args: argparse.Namespace, host: PluginHost, out: Path, base: BaseModel
             runs.append((name, [spec], _demo_prompt(plugin, prompt)))
         except TemplateError as exc:
             skipped.append((name, str(exc)))
+    found = {label: group for label, group, _ in runs}  # the templates whose demo inputs resolved
     for combo in FUSIONS:
-        if all(n in names for n in combo):
-            found = {label: (group, own) for label, group, own in runs}
-            if not all(n in found for n in combo):
-                continue
-            specs = [s for n in combo for s in found[n][0]]
+        if all(n in found for n in combo):
+            specs = [s for n in combo for s in found[n]]
             fused = prompt
             for n in combo:  # each member leaves out what it controls
                 fused = _demo_prompt(host.get("template", n), fused)
