@@ -10,10 +10,12 @@ runs, so a mismatch is a clear error instead of a shape error mid-denoising.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from .carriers.kv import KVCache
 from .context import EncodeContext
@@ -66,6 +68,31 @@ def check_layout(model: TemplateModel, context: EncodeContext, weights: str) -> 
 def module_key(layer: str) -> str:
     """A ModuleDict key for an adapter's layer name (module names may not contain dots)."""
     return layer.replace(".", "__")
+
+
+class KVTemplateModel(TemplateModel):
+    """Base of Template models configured by ``layers`` ({name: [heads, head_dim]}) that emit
+    ``{"keys": {layer: (B, L, heads, head_dim)}, "values": {...}}``."""
+
+    @classmethod
+    def for_attention_layers(cls, attention_layers: Mapping[str, Any], **config: Any):
+        """An untrained model with one K/V projection per attention layer of a backbone adapter."""
+        return cls(
+            layers={n: [layer.heads, layer.head_dim] for n, layer in attention_layers.items()}, **config
+        )
+
+
+def kv_projections(
+    layers: Mapping[str, tuple[int, int]], hidden_dim: int
+) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """``(to_k, to_v)``: per layer, a Linear from ``hidden_dim`` to heads * head_dim; the value
+    projections start at zero, so an untrained model adds (almost) nothing."""
+    to_k = nn.ModuleDict({module_key(n): nn.Linear(hidden_dim, h * d) for n, (h, d) in layers.items()})
+    to_v = nn.ModuleDict({module_key(n): nn.Linear(hidden_dim, h * d) for n, (h, d) in layers.items()})
+    for linear in to_v.values():
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    return to_k, to_v
 
 
 class TrainedKVTemplate(Template):

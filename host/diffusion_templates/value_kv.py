@@ -12,7 +12,6 @@ Subclasses say which input fields make the value (:meth:`ValueKVModel.value_of`)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,8 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .context import EncodeContext
-from .template import TemplateModel
-from .trained import module_key
+from .trained import KVTemplateModel, kv_projections, module_key
 
 
 def fourier_features(value: torch.Tensor, frequencies: int) -> torch.Tensor:
@@ -31,7 +29,7 @@ def fourier_features(value: torch.Tensor, frequencies: int) -> torch.Tensor:
     return torch.cat([value.float(), angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
 
 
-class ValueKVModel(TemplateModel):
+class ValueKVModel(KVTemplateModel):
     """A value vector (B, value_dim) in [0, 1] -> per-layer keys and values (B, tokens, heads, head_dim)."""
 
     @register_to_config
@@ -51,21 +49,7 @@ class ValueKVModel(TemplateModel):
         )
         self.token_embedding = nn.Parameter(torch.randn(tokens, hidden_dim) * 0.5)
         self.mix = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU())
-        self.to_k = nn.ModuleDict(
-            {module_key(n): nn.Linear(hidden_dim, h * d) for n, (h, d) in self.layers.items()}
-        )
-        self.to_v = nn.ModuleDict(
-            {module_key(n): nn.Linear(hidden_dim, h * d) for n, (h, d) in self.layers.items()}
-        )
-        for linear in self.to_v.values():  # an untrained model adds (almost) nothing
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
-
-    @classmethod
-    def for_attention_layers(cls, attention_layers: Mapping[str, Any], **config: Any):
-        return cls(
-            layers={n: [layer.heads, layer.head_dim] for n, layer in attention_layers.items()}, **config
-        )
+        self.to_k, self.to_v = kv_projections(self.layers, hidden_dim)
 
     def value_of(self, inputs: Any) -> list[float]:  # pragma: no cover - subclasses say
         raise NotImplementedError

@@ -86,3 +86,36 @@ def recipe_parser(description: str, recipe: dict[str, Any], out: Path) -> argpar
         "--base", default=None, help="diffusers folder of the base model (default: dt-base-shapes)"
     )
     return parser
+
+
+def kv_recipe(template: str, build: Callable[..., Path], recipe: dict[str, Any], out: Path, description: str):
+    """``(train_shapes, main)`` of a zoo recipe: train ``template`` with ``recipe``'s settings into
+    ``out`` by default, and its command line (``python -m <package>.shapes``)."""
+
+    def train_shapes(
+        out: str | Path = out,
+        *,
+        data: str | Path | None = None,
+        steps: int = recipe["steps"],
+        batch: int = recipe["batch"],
+        lr: float = recipe["lr"],
+        seed: int = recipe["seed"],
+        n: int = recipe["n"],
+        base: str | None = None,
+        log: Callable[[str], Any] = print,
+    ) -> dict[str, Any]:
+        """Build the data set (once, in ``data``) and train on the base model (default: dt-base-shapes);
+        writes ``save_pretrained(out)`` and ``out/training.json`` and returns the training record."""
+        return train_template(
+            template, build, out, data=data, n=n, seed=seed, log=log,
+            steps=steps, batch=batch, lr=lr, base=base, log_every=25,
+        )
+
+    def main(argv: list[str] | None = None) -> None:
+        args = recipe_parser(description, recipe, out).parse_args(argv)
+        train_shapes(
+            args.out, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+            base=args.base,
+        )
+
+    return train_shapes, main

@@ -62,38 +62,19 @@ def build_dataset(
     return out
 
 
-def train_shapes(
-    out: str | Path = WEIGHTS / "shapes",
-    *,
-    data: str | Path | None = None,
-    steps: int = RECIPE["steps"],
-    batch: int = RECIPE["batch"],
-    lr: float = RECIPE["lr"],
-    seed: int = RECIPE["seed"],
-    n: int = RECIPE["n"],
-    base: str | None = None,
-    log=print,
-) -> dict[str, Any]:
-    """Build the data set (once, in ``data``) and train on the base model (default: dt-base-shapes).
+def _recipe():
+    from dt_base_shapes.recipes import kv_recipe  # dt-base-shapes: the package's `train` extra
 
-    Writes ``save_pretrained(out)`` and ``out/training.json``; returns the training record.
-    """
-    from dt_base_shapes.recipes import train_template
+    return kv_recipe(TEMPLATE, build_dataset, RECIPE, WEIGHTS / "shapes", __doc__.split("\n")[0])
 
-    return train_template(
-        TEMPLATE, build_dataset, out, data=data, n=n, seed=seed, log=log,
-        steps=steps, batch=batch, lr=lr, base=base, log_every=25,
-    )
+
+def train_shapes(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Build the data set and train on dt-base-shapes (``dt_base_shapes.recipes.kv_recipe``)."""
+    return _recipe()[0](*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dt_base_shapes.recipes import recipe_parser
-
-    args = recipe_parser(__doc__.split("\n")[0], RECIPE, WEIGHTS / "shapes").parse_args(argv)
-    train_shapes(
-        args.out, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-        base=args.base,
-    )
+    _recipe()[1](argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ attention layout they fit is in their config and checked before anything runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,15 @@ from diffusers.configuration_utils import register_to_config
 from pydantic import Field, field_validator
 from torch import nn
 
-from diffusion_templates import EncodeContext, TemplateInputs, TemplateModel
+from diffusion_templates import EncodeContext, TemplateInputs
 from diffusion_templates.pictures import to_mask
-from diffusion_templates.trained import TrainedKVTemplate, module_key, resolve_weights
+from diffusion_templates.trained import (
+    KVTemplateModel,
+    TrainedKVTemplate,
+    kv_projections,
+    module_key,
+    resolve_weights,
+)
 from diffusion_templates.trained import shipped_weights as _shipped_weights
 
 #: Shipped weights: ``weights/<name>/`` next to this module.
@@ -80,7 +85,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
-class StructureKVModel(TemplateModel):
+class StructureKVModel(KVTemplateModel):
     """A silhouette mask (B, 1, 8h, 8w) -> per layer keys/values (B, h*w, heads, head_dim), keys RoPE'd."""
 
     @register_to_config
@@ -98,21 +103,7 @@ class StructureKVModel(TemplateModel):
             nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1),
             nn.SiLU(),
         )
-        self.to_k = nn.ModuleDict(
-            {module_key(n): nn.Linear(hidden_dim, h * d) for n, (h, d) in self.layers.items()}
-        )
-        self.to_v = nn.ModuleDict(
-            {module_key(n): nn.Linear(hidden_dim, h * d) for n, (h, d) in self.layers.items()}
-        )
-        for linear in self.to_v.values():  # an untrained model adds (almost) nothing
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
-
-    @classmethod
-    def for_attention_layers(cls, attention_layers: Mapping[str, Any], **config: Any):
-        return cls(
-            layers={n: [layer.heads, layer.head_dim] for n, layer in attention_layers.items()}, **config
-        )
+        self.to_k, self.to_v = kv_projections(self.layers, hidden_dim)
 
     @torch.no_grad()
     def process_inputs(self, inputs: Any, context: EncodeContext | None = None) -> dict[str, Any]:
