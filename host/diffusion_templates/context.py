@@ -16,6 +16,37 @@ Branch = Literal["cond", "uncond"]
 CallBranch = Literal["cond", "uncond", "batched"]
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which rows of one denoiser call's batch belong to which CFG branch.
+
+    ``rows`` covers the batch in order, e.g. ``(("uncond", slice(0, 2)), ("cond", slice(2, 4)))`` for
+    batched CFG over two images, or ``(("cond", slice(0, 2)),)`` for a conditional-only call. Branch
+    names other than "cond"/"uncond" (a guider's extra prediction) may appear; a cache reaches rows
+    of its own branch only. Set per denoiser call by ``injection.BranchTracker`` from what that call
+    is (never from flags left over by an earlier call).
+    """
+
+    rows: tuple[tuple[str, slice], ...]
+    batch: int
+
+    @classmethod
+    def single(cls, branch: str, batch: int) -> BatchLayout:
+        return cls(((branch, slice(0, batch)),), batch)
+
+    def rows_of(self, branch: str) -> slice | None:
+        """The rows of ``branch`` (None when the call computes no such rows)."""
+        for name, rows in self.rows:
+            if name == branch:
+                return rows
+        return None
+
+    @property
+    def whole(self) -> str | None:
+        """The branch that owns every row, or None when the batch is split between branches."""
+        return self.rows[0][0] if len(self.rows) == 1 else None
+
+
 @dataclass
 class CallState:
     """Mutable state of one TemplatePipeline call, shared by that call's injections.
@@ -28,6 +59,8 @@ class CallState:
     """
 
     branch: CallBranch = "cond"
+    #: Rows per branch of the denoiser call running now (None before the first denoiser call).
+    layout: BatchLayout | None = None
     denoiser_calls: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .context import CallState
+from .context import BatchLayout, CallState
 
 _hook_ids = itertools.count()
 
@@ -200,11 +200,15 @@ class _BranchHook(ModelHook):
         if not self.call.active:
             return args, kwargs
         context = self.state_manager.current
+        batch = _call_batch(args, kwargs)
         if self.batched_cfg and getattr(self.pipe, "do_classifier_free_guidance", False):
             self.call.branch = "batched"
             self.call.extras["saw_uncond"] = True
+            half = batch // 2
+            self.call.layout = BatchLayout((("uncond", slice(0, half)), ("cond", slice(half, batch))), batch)
         else:
             self.call.branch = "uncond" if context is not None and context.name == "uncond" else "cond"
+            self.call.layout = BatchLayout.single(self.call.branch, batch)
         self.call.denoiser_calls += 1
         if self.call.branch == "uncond":
             self.call.extras["saw_uncond"] = True
@@ -213,6 +217,16 @@ class _BranchHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
+
+
+def _call_batch(args: tuple, kwargs: dict[str, Any]) -> int:
+    """The batch size of a denoiser call: its first tensor argument's first dimension."""
+    sample = kwargs.get("hidden_states", kwargs.get("sample"))
+    if sample is None:
+        sample = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if sample is None:
+        sample = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    return int(sample.shape[0]) if isinstance(sample, torch.Tensor) and sample.ndim else 0
 
 
 class BranchTracker(Injection):
