@@ -19,9 +19,7 @@ FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 
 
 def markdown_files() -> list[Path]:
-    return sorted(
-        p for p in ROOT.rglob("*.md") if not SKIP_PARTS.intersection(p.relative_to(ROOT).parts)
-    )
+    return sorted(p for p in ROOT.rglob("*.md") if not SKIP_PARTS.intersection(p.relative_to(ROOT).parts))
 
 
 def anchors(path: Path) -> set[str]:
@@ -41,7 +39,9 @@ def relative_links(path: Path) -> list[str]:
 
 
 def test_the_checker_sees_broken_links(tmp_path: Path) -> None:
-    (tmp_path / "a.md").write_text("# Title\n\n## Some section\n[x](b.md) [y](a.md#some-section) [z](#nope)\n")
+    (tmp_path / "a.md").write_text(
+        "# Title\n\n## Some section\n[x](b.md) [y](a.md#some-section) [z](#nope)\n"
+    )
     assert relative_links(tmp_path / "a.md") == ["b.md", "a.md#some-section", "#nope"]
     assert anchors(tmp_path / "a.md") == {"title", "some-section"}
 
