@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-input", action="store_true",
                         help="ask nothing: use the template's defaults for values not given "
                              "(also the case when standard input is not a terminal)")
+    parser.add_argument("--force", action="store_true",
+                        help="create the package even if an installed distribution already provides "
+                             "this template name (the new one would replace it once installed)")
     parser.set_defaults(func=run_new)
     from .train.cli import register as register_train  # `dt train`: light, imports no torch
 
@@ -38,7 +41,7 @@ def run_new(args: argparse.Namespace) -> int:
     no_input = args.no_input or not sys.stdin.isatty()
     try:
         path = new_template(args.name, args.carrier, output_dir=args.output_dir, author=args.author,
-                            no_input=no_input)
+                            no_input=no_input, force=args.force)
     except TemplateGenerationError as exc:
         print(f"dt new: error: {exc}", file=sys.stderr)
         return 2

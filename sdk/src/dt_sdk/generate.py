@@ -41,16 +41,42 @@ def validate_name(name: str) -> str:
     return name
 
 
+def installed_provider(name: str) -> str | None:
+    """The installed distribution that already provides template ``name`` or ``dt-template-<name>``.
+
+    Reads metadata only (no plugin is imported). A new package with the same entry-point name would
+    silently replace the installed template in discovery (and its sibling templates with it), so
+    ``dt new`` refuses such a name unless forced.
+    """
+    from importlib import metadata
+
+    wanted = f"dt-template-{name}"
+    for dist in metadata.distributions():
+        dist_name = dist.metadata.get("Name") or ""
+        if dist_name.lower().replace("_", "-") == wanted:
+            return dist_name
+        for ep in dist.entry_points:
+            if ep.group == "diffusion_templates.templates" and ep.name == name:
+                return f"{dist_name or '<unnamed distribution>'} (template {name!r})"
+    return None
+
+
 def new_template(name: str, carrier: str | None = None, *, output_dir: str | os.PathLike = ".",
                  author: str | None = None, version: str | None = None, no_input: bool = True,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, force: bool = False) -> Path:
     """Generate ``dt-template-<name>/`` under ``output_dir``; returns its path.
 
     With ``no_input`` (the default) nothing is asked: values not given come from the template's
     defaults (carrier: the first choice, ``kv``). Otherwise cookiecutter prompts for each value,
-    offering the given ones as defaults.
+    offering the given ones as defaults. A name an installed distribution already provides is
+    refused unless ``force`` (the new package would replace it once installed).
     """
     validate_name(name)
+    provider = None if force else installed_provider(name)
+    if provider is not None:
+        raise TemplateGenerationError(
+            f"template name {name!r} is already provided by the installed distribution {provider}; "
+            "installing the new package would replace it. Choose another name, or pass --force")
     choices = template_carriers()
     if carrier is not None and carrier not in choices:
         raise TemplateGenerationError(f"unknown carrier {carrier!r}; the template offers {choices}")
