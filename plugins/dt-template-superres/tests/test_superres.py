@@ -207,7 +207,9 @@ def test_strength_zero_pixels_are_the_decoded_round_trip():
         latents = tp.adapter.encode_image(prepared, torch.Generator().manual_seed(0))
         decoded = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor).sample
     expected = pipe.image_processor.postprocess(decoded, output_type="pt")
-    assert torch.allclose(image, expected, atol=1e-6)
+    # float32 rounding only: the pipeline's decode and this one may take different CPU kernel paths
+    # (2.2e-6 measured on one machine, 0 on another); any real change to the latents is far above 1e-5.
+    assert torch.allclose(image, expected, atol=1e-5)
     # and it is a round trip: the upsampled picture comes back (a random tiny VAE is a poor one)
     assert image.shape == big.shape
 
