@@ -716,7 +716,7 @@ def _load_extensions(sub: Any) -> tuple[dict[str, _Source], list[_Source]]:
                     )
                 register(sub)
             except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt) and watch.by_user():
+                if watch.is_users(exc):
                     raise
                 source.reason = f"{type(exc).__name__}: {exc}"
                 broken.append(source)

@@ -23,8 +23,8 @@ from typing import Any
 
 
 class InterruptWatch:
-    """``with InterruptWatch() as watch:`` around plugin code; ``watch.by_user()`` after a
-    ``KeyboardInterrupt`` says whether it came from a real SIGINT.
+    """``with InterruptWatch() as watch:`` around plugin code; ``watch.is_users(exc)`` says whether
+    what the block raised must propagate as the user's interrupt.
 
     If a SIGINT arrived, leaving the block raises ``KeyboardInterrupt`` whatever the block did (the
     plugin may have caught the interrupt and raised something else, or nothing): a Ctrl-C during a
@@ -37,8 +37,10 @@ class InterruptWatch:
         self._previous: Any = None
         self._unknown_handler = False
 
-    def by_user(self) -> bool:
-        return self._seen or self._unknown_handler
+    def is_users(self, exc: BaseException) -> bool:
+        """True when a SIGINT arrived in the block (whatever ``exc`` is), or ``exc`` is a
+        ``KeyboardInterrupt`` whose origin cannot be told (a handler installed from C)."""
+        return self._seen or (isinstance(exc, KeyboardInterrupt) and self._unknown_handler)
 
     def _handler(self, signum: int, frame: FrameType | None) -> Any:
         self._seen = True

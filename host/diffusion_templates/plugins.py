@@ -234,8 +234,8 @@ class PluginHost:
             try:
                 return self._load(info, stage)
             except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt) and watch.by_user():
-                    raise
+                if watch.is_users(exc):
+                    raise  # the user's Ctrl-C (as a KeyboardInterrupt once the watch ends), not the plugin's
                 info.status, info.problem = "error", _describe(exc)
                 info.diagnosis = _diagnose(info, exc, stage[0])
                 raise PluginError(
