@@ -134,7 +134,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
 
 def env_for(path: list[str], **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DT_")}
-    env["PYTHONPATH"] = os.pathsep.join(path)
+    # The fake sites first; the caller's PYTHONPATH after them, so that `dt` runs the code under test
+    # (a worktree's checkout) rather than whatever copy the environment has installed.
+    env["PYTHONPATH"] = os.pathsep.join([*path, *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(extra)
     return env
 
