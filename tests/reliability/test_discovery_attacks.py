@@ -115,7 +115,10 @@ def build_attacks(site: Path) -> None:
     )
     (package / "sub.py").write_text(template_module("T", ("kv",)))
     make_dist(site, "dt-attack-pkg", "0.1", {TEMPLATES: {"attack-pkg": "dt_attack_pkg.sub:T"}})
-    hook_exit = template_module("T", ("kv",)) + "\n    def encode(self, inputs, context):\n        raise SystemExit(5)\n"
+    hook_exit = (
+        template_module("T", ("kv",))
+        + "\n    def encode(self, inputs, context):\n        raise SystemExit(5)\n"
+    )
     make_dist(
         site,
         "dt-attack-hook",
