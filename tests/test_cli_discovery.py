@@ -64,7 +64,7 @@ def template_module(cls: str, carriers: tuple[str, ...], backbones: tuple[str, .
         ''')
 
 
-COMMANDS_MODULE = '''
+COMMANDS_MODULE = """
 def _hello(args):
     print(f"hello {args.who}")
     return 0
@@ -74,12 +74,18 @@ def register(subparsers):
     parser = subparsers.add_parser("hello", help="say hello")
     parser.add_argument("--who", default="world")
     parser.set_defaults(func=_hello)
-'''
+"""
 
 
-def make_dist(site: Path, name: str, version: str, entry_points: dict[str, dict[str, str]],
-              modules: dict[str, str] | None = None, requires: str | None = None,
-              keywords: str | None = None) -> None:
+def make_dist(
+    site: Path,
+    name: str,
+    version: str,
+    entry_points: dict[str, dict[str, str]],
+    modules: dict[str, str] | None = None,
+    requires: str | None = None,
+    keywords: str | None = None,
+) -> None:
     info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
@@ -88,8 +94,10 @@ def make_dist(site: Path, name: str, version: str, entry_points: dict[str, dict[
     if keywords:
         meta.append(f"Keywords: {keywords}")
     (info / "METADATA").write_text("\n".join(meta) + "\n")
-    sections = [f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
-                for group, eps in entry_points.items()]
+    sections = [
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
+        for group, eps in entry_points.items()
+    ]
     (info / "entry_points.txt").write_text("\n".join(sections))
     for module, source in (modules or {}).items():
         (site / f"{module}.py").write_text(source)
@@ -103,45 +111,97 @@ COMMANDS = "diffusion_templates.commands"
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     """``good``: plugins that work; ``bad``: one of each kind of breakage. Returns PYTHONPATH lists."""
     good = tmp_path_factory.mktemp("site_good")
-    make_dist(good, "dt-good", "1.2.3", {TEMPLATES: {"good": "dt_good:GoodTemplate"}},
-              {"dt_good": GOOD_MODULE}, requires="diffusion-templates>=0.1",
-              keywords="dt-carrier:kv,dt-backbone:flux2")
-    make_dist(good, "dt-other", "0.2.0", {TEMPLATES: {"other": "dt_other:OtherTemplate"}},
-              {"dt_other": template_module("OtherTemplate", ("lora",))}, keywords="dt-carrier:lora")
+    make_dist(
+        good,
+        "dt-good",
+        "1.2.3",
+        {TEMPLATES: {"good": "dt_good:GoodTemplate"}},
+        {"dt_good": GOOD_MODULE},
+        requires="diffusion-templates>=0.1",
+        keywords="dt-carrier:kv,dt-backbone:flux2",
+    )
+    make_dist(
+        good,
+        "dt-other",
+        "0.2.0",
+        {TEMPLATES: {"other": "dt_other:OtherTemplate"}},
+        {"dt_other": template_module("OtherTemplate", ("lora",))},
+        keywords="dt-carrier:lora",
+    )
 
     bad = tmp_path_factory.mktemp("site_bad")
     make_dist(bad, "dt-badmod", "0.1", {TEMPLATES: {"badmod": "dt_nosuchmodule:Thing"}})
-    make_dist(bad, "dt-badattr", "0.1", {TEMPLATES: {"badattr": "dt_badattr:Missing"}},
-              {"dt_badattr": "PRESENT = 1\n"})
-    make_dist(bad, "dt-incompat", "0.1", {TEMPLATES: {"incompat": "dt_incompat:T"}},
-              {"dt_incompat": "raise RuntimeError('an incompatible plugin must never be imported')\n"},
-              requires="diffusion-templates>=9.0")
-    make_dist(bad, "dt-raises", "0.1", {TEMPLATES: {"raises": "dt_raises:T"}},
-              {"dt_raises": "raise RuntimeError('boom at import')\n"})
+    make_dist(
+        bad,
+        "dt-badattr",
+        "0.1",
+        {TEMPLATES: {"badattr": "dt_badattr:Missing"}},
+        {"dt_badattr": "PRESENT = 1\n"},
+    )
+    make_dist(
+        bad,
+        "dt-incompat",
+        "0.1",
+        {TEMPLATES: {"incompat": "dt_incompat:T"}},
+        {"dt_incompat": "raise RuntimeError('an incompatible plugin must never be imported')\n"},
+        requires="diffusion-templates>=9.0",
+    )
+    make_dist(
+        bad,
+        "dt-raises",
+        "0.1",
+        {TEMPLATES: {"raises": "dt_raises:T"}},
+        {"dt_raises": "raise RuntimeError('boom at import')\n"},
+    )
     for suffix in "ab":
-        make_dist(bad, f"dt-clash-{suffix}", "0.1", {TEMPLATES: {"clash": f"dt_clash_{suffix}:T"}},
-                  {f"dt_clash_{suffix}": template_module("T", ("kv",))}, keywords="dt-carrier:kv")
-    make_dist(bad, "dt-mismatch", "0.1", {TEMPLATES: {"mismatch": "dt_mismatch:T"}},
-              {"dt_mismatch": template_module("T", ("kv",), ("flux2",))},
-              keywords="dt-carrier:lora,dt-backbone:flux2")
-    make_dist(bad, "dt-nocarrier", "0.1", {TEMPLATES: {"nocarrier": "dt_nocarrier:T"}},
-              {"dt_nocarrier": template_module("T", ("nosuchcarrier",))}, keywords="dt-carrier:nosuchcarrier")
+        make_dist(
+            bad,
+            f"dt-clash-{suffix}",
+            "0.1",
+            {TEMPLATES: {"clash": f"dt_clash_{suffix}:T"}},
+            {f"dt_clash_{suffix}": template_module("T", ("kv",))},
+            keywords="dt-carrier:kv",
+        )
+    make_dist(
+        bad,
+        "dt-mismatch",
+        "0.1",
+        {TEMPLATES: {"mismatch": "dt_mismatch:T"}},
+        {"dt_mismatch": template_module("T", ("kv",), ("flux2",))},
+        keywords="dt-carrier:lora,dt-backbone:flux2",
+    )
+    make_dist(
+        bad,
+        "dt-nocarrier",
+        "0.1",
+        {TEMPLATES: {"nocarrier": "dt_nocarrier:T"}},
+        {"dt_nocarrier": template_module("T", ("nosuchcarrier",))},
+        keywords="dt-carrier:nosuchcarrier",
+    )
     make_dist(bad, "dt-cmds", "0.1", {COMMANDS: {"hello": "dt_cmds:register"}}, {"dt_cmds": COMMANDS_MODULE})
-    make_dist(bad, "dt-cmds-broken", "0.1", {COMMANDS: {"broken": "dt_cmds_broken:register"}},
-              {"dt_cmds_broken": "raise ImportError('dt_cmds_broken needs a missing dependency')\n"})
+    make_dist(
+        bad,
+        "dt-cmds-broken",
+        "0.1",
+        {COMMANDS: {"broken": "dt_cmds_broken:register"}},
+        {"dt_cmds_broken": "raise ImportError('dt_cmds_broken needs a missing dependency')\n"},
+    )
     return {"good": [str(good)], "all": [str(good), str(bad)]}
 
 
 def env_for(path: list[str], **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DT_")}
-    env["PYTHONPATH"] = os.pathsep.join(path)
+    # The fake sites first; the caller's PYTHONPATH after them, so that `dt` runs the code under test
+    # (a worktree's checkout) rather than whatever copy the environment has installed.
+    env["PYTHONPATH"] = os.pathsep.join([*path, *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(extra)
     return env
 
 
 def run(path: list[str], *args: str, exe: tuple[str, ...] = (DT,), **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*exe, *args], env=env_for(path, **env), capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [*exe, *args], env=env_for(path, **env), capture_output=True, text=True, timeout=120
+    )
 
 
 def statuses(output: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -152,7 +212,7 @@ def statuses(output: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
 
 
 # -- the commands that import torch: one batch process, one real `dt doctor`, run side by side -------------
-RUNNER = '''
+RUNNER = """
 import contextlib, io, json, os, sys
 from diffusion_templates import cli
 
@@ -167,7 +227,7 @@ for key, call in json.load(open(sys.argv[1])).items():
     os.environ.clear(); os.environ.update(saved_env); sys.path[:] = saved_path
     results[key] = {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
 print(json.dumps(results))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +237,11 @@ def heavy(sites: dict[str, list[str]], tmp_path_factory: pytest.TempPathFactory)
         "doctor_json": {"argv": ["doctor", "--json"], "path": everything},
         "doctor_clean": {"argv": ["doctor"], "path": good},
         "doctor_clean_json": {"argv": ["doctor", "--json"], "path": good},
-        "doctor_disabled": {"argv": ["doctor", "--json"], "path": good,
-                            "env": {"DT_DISABLE_PLUGINS": "other"}},
+        "doctor_disabled": {
+            "argv": ["doctor", "--json"],
+            "path": good,
+            "env": {"DT_DISABLE_PLUGINS": "other"},
+        },
         "info_good": {"argv": ["info", "good"], "path": everything},
         "info_good_json": {"argv": ["info", "good", "--json"], "path": everything},
         "info_kv": {"argv": ["info", "kv", "--kind", "carrier"], "path": everything},
@@ -189,10 +252,16 @@ def heavy(sites: dict[str, list[str]], tmp_path_factory: pytest.TempPathFactory)
     folder = tmp_path_factory.mktemp("runner")
     (folder / "calls.json").write_text(json.dumps(calls))
     (folder / "runner.py").write_text(RUNNER)
-    batch = subprocess.Popen([PYTHON, str(folder / "runner.py"), str(folder / "calls.json")],
-                             env=env_for([]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    doctor = subprocess.Popen([DT, "doctor"], env=env_for(everything), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    batch = subprocess.Popen(
+        [PYTHON, str(folder / "runner.py"), str(folder / "calls.json")],
+        env=env_for([]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    doctor = subprocess.Popen(
+        [DT, "doctor"], env=env_for(everything), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     doctor_out, doctor_err = doctor.communicate(timeout=120)
     batch_out, batch_err = batch.communicate(timeout=120)
     assert batch.returncode == 0, batch_err
@@ -220,9 +289,17 @@ def test_list_json_and_kind_filter(sites: dict[str, list[str]]) -> None:
     assert result.returncode == 0, result.stderr
     found = statuses(result.stdout)
     [good] = found[("template", "good")]
-    assert good == {"kind": "template", "name": "good", "distribution": "dt-good", "version": "1.2.3",
-                    "carriers": ["kv"], "backbones": ["flux2"], "host_requires": ">=0.1",
-                    "status": "not loaded", "problem": None}
+    assert good == {
+        "kind": "template",
+        "name": "good",
+        "distribution": "dt-good",
+        "version": "1.2.3",
+        "carriers": ["kv"],
+        "backbones": ["flux2"],
+        "host_requires": ">=0.1",
+        "status": "not loaded",
+        "problem": None,
+    }
     assert {("carrier", "kv"), ("carrier", "lora"), ("backbone", "flux2")} <= set(found)
     assert found[("carrier", "kv")][0]["distribution"] == HOST
     [incompat] = found[("template", "incompat")]
@@ -234,14 +311,14 @@ def test_list_json_and_kind_filter(sites: dict[str, list[str]]) -> None:
 
 # (e) dt list imports neither torch, diffusers nor any plugin ----------------------------------------------
 def test_list_imports_nothing_heavy(sites: dict[str, list[str]]) -> None:
-    script = textwrap.dedent('''
+    script = textwrap.dedent("""
         import json, sys
         from diffusion_templates import cli
         codes = [cli.main(["list"]), cli.main(["list", "--json"]), cli.main(["list", "--kind", "template"])]
         heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers") or m.startswith("dt_")
                  or m in ("diffusion_templates.template", "diffusion_templates.carriers.kv")]
         print(json.dumps({"codes": codes, "heavy": heavy}))
-        ''')
+        """)
     result = run(sites["all"], "-c", script, exe=(PYTHON,))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -314,7 +391,9 @@ def test_doctor_clean_and_disabled(heavy: dict[str, dict[str, Any]]) -> None:
     ours = [p for p in report["problems"] if p["distribution"] in (HOST, "dt-good", "dt-other")]
     assert ours == []
     assert {(p["name"], p["status"]) for p in report["plugins"] if p["kind"] == "template"} >= {
-        ("good", "loaded"), ("other", "loaded")}
+        ("good", "loaded"),
+        ("other", "loaded"),
+    }
     clean = heavy["doctor_clean"]
     assert clean["rc"] == heavy["doctor_clean_json"]["rc"] == (1 if report["problems"] else 0)
     if not report["problems"]:
@@ -365,8 +444,9 @@ def test_info_carrier_and_backbone(heavy: dict[str, dict[str, Any]]) -> None:
     kv = heavy["info_kv"]
     assert kv["rc"] == 0, kv["err"]
     assert "KVCache" in kv["out"] and "keys: dict[str, torch.Tensor]" in kv["out"]
-    [backbones] = [line.split(None, 1)[1] for line in kv["out"].splitlines()
-                   if line.split()[:1] == ["backbones"]]
+    [backbones] = [
+        line.split(None, 1)[1] for line in kv["out"].splitlines() if line.split()[:1] == ["backbones"]
+    ]
     assert {"flux", "flux2"} <= set(backbones.split(", "))
     flux2 = json.loads(heavy["info_flux2_json"]["out"])
     assert flux2["describe"]["name"] == "flux2" and "kv" in flux2["describe"]["carriers"]
@@ -440,14 +520,15 @@ def test_info_unknown_name(sites: dict[str, list[str]]) -> None:
     for name in ("good", "other", "kv", "lora", "flux2"):
         assert name in result.stderr
     assert "Traceback" not in result.stderr
-    unknown_template = run(sites["good"], "info", "nosuch", "--kind", "template",
-                           exe=(PYTHON, "-m", "diffusion_templates"))
+    unknown_template = run(
+        sites["good"], "info", "nosuch", "--kind", "template", exe=(PYTHON, "-m", "diffusion_templates")
+    )
     assert unknown_template.returncode == 2 and "available templates: " in unknown_template.stderr
     assert "good" in unknown_template.stderr and "other" in unknown_template.stderr
 
 
 def test_demo_and_generate_dispatch(sites: dict[str, list[str]]) -> None:
-    script = textwrap.dedent('''
+    script = textwrap.dedent("""
         import json, sys, types
         from diffusion_templates import cli
         demo = types.ModuleType("diffusion_templates.demo")
@@ -456,7 +537,7 @@ def test_demo_and_generate_dispatch(sites: dict[str, list[str]]) -> None:
         demo.main = lambda args: seen.append({k: v for k, v in vars(args).items() if k != "func"}) or 3
         codes = [cli.main(["demo", "--out", "o", "--steps", "4"]), cli.main(["generate"])]
         print(json.dumps({"codes": codes, "seen": seen}))
-        ''')
+        """)
     result = run(sites["good"], "-c", script, exe=(PYTHON,))
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout.strip().splitlines()[-1])
@@ -472,8 +553,10 @@ def test_keywords_scoped_to_one_template() -> None:
     from diffusion_templates.plugins import _keywords
 
     class Dist:
-        metadata = {"Keywords": "diffusion-templates,dt-carrier:guidance,dt-backbone:flux2,dt-backbone:sd3,"
-                                "dt-carrier:kv@brightness-kv,dt-backbone:flux2@brightness-kv"}
+        metadata = {
+            "Keywords": "diffusion-templates,dt-carrier:guidance,dt-backbone:flux2,dt-backbone:sd3,"
+            "dt-carrier:kv@brightness-kv,dt-backbone:flux2@brightness-kv"
+        }
 
     assert _keywords(Dist, "dt-carrier:", "brightness") == ("guidance",)
     assert _keywords(Dist, "dt-backbone:", "brightness") == ("flux2", "sd3")

@@ -46,8 +46,10 @@ def _joined(values: Sequence[str], empty: str = "-") -> str:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in [headers, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    )
 
 
 def _sort_key(info: Any) -> tuple[int, str, str]:
@@ -71,8 +73,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"no {args.kind or 'plugin'}s installed")
         return 0
     headers = ("KIND", "NAME", "VERSION", "DISTRIBUTION", "CARRIERS", "BACKBONES", "STATUS", "PROBLEM")
-    rows = [(i.kind, i.name, i.version or "-", i.distribution, _joined(i.carriers), _joined(i.backbones),
-             i.status, i.problem or "") for i in infos]
+    rows = [
+        (
+            i.kind,
+            i.name,
+            i.version or "-",
+            i.distribution,
+            _joined(i.carriers),
+            _joined(i.backbones),
+            i.status,
+            i.problem or "",
+        )
+        for i in infos
+    ]
     print(_table(headers, rows))
     return 0
 
@@ -134,9 +147,16 @@ def _input_fields(model: type) -> list[dict[str, Any]]:
             default = f"{getattr(field.default_factory, '__name__', 'factory')}()"
         else:
             default = repr(field.default)
-        fields.append({"name": field.alias or name, "type": _type_name(field.annotation),
-                       "required": field.is_required(), "default": default,
-                       "constraints": _constraints(field), "description": field.description or ""})
+        fields.append(
+            {
+                "name": field.alias or name,
+                "type": _type_name(field.annotation),
+                "required": field.is_required(),
+                "default": default,
+                "constraints": _constraints(field),
+                "description": field.description or "",
+            }
+        )
     return fields
 
 
@@ -176,22 +196,32 @@ def _supports(host: Any, carrier: str, adapter: Any) -> bool:
 def _common(info: Any, obj: Any) -> dict[str, Any]:
     own = info.distribution.lower() == HOST_DISTRIBUTION
     return {
-        "kind": info.kind, "name": info.name, "description": _description(obj),
-        "version": info.version, "distribution": info.distribution, "entry_point": info.value,
-        "host_requires": "(part of the host)" if own else info.host_requires, "status": info.status,
+        "kind": info.kind,
+        "name": info.name,
+        "description": _description(obj),
+        "version": info.version,
+        "distribution": info.distribution,
+        "entry_point": info.value,
+        "host_requires": "(part of the host)" if own else info.host_requires,
+        "status": info.status,
     }
 
 
 def _describe_template(host: Any, info: Any, obj: Any) -> dict[str, Any]:
     carriers = [str(c) for c in getattr(obj, "carriers", ()) or ()]
     backbones = [str(b) for b in getattr(obj, "backbones", ("*",)) or ()]
-    compatible = [name for name, adapter in _backbone_adapters(host).items()
-                  if ("*" in backbones or name in backbones)
-                  and all(_supports(host, carrier, adapter) for carrier in carriers)]
+    compatible = [
+        name
+        for name, adapter in _backbone_adapters(host).items()
+        if ("*" in backbones or name in backbones)
+        and all(_supports(host, carrier, adapter) for carrier in carriers)
+    ]
     inputs = obj.Inputs
     return {
         **_common(info, obj),
-        "carriers": carriers, "backbones": backbones, "compatible_backbones": compatible,
+        "carriers": carriers,
+        "backbones": backbones,
+        "compatible_backbones": compatible,
         "metadata": {"carriers": list(info.carriers), "backbones": list(info.backbones)},
         "inputs_model": f"{inputs.__module__}.{inputs.__qualname__}",
         "inputs_schema": _json_schema(inputs),
@@ -203,13 +233,16 @@ def _describe_carrier(host: Any, info: Any, obj: Any) -> dict[str, Any]:
     fields = []
     if cache_class is not None and hasattr(cache_class, "model_fields"):
         fields = [{k: v for k, v in f.items() if k != "constraints"} for f in _input_fields(cache_class)]
-    supported = [name for name, adapter in _backbone_adapters(host).items()
-                 if _supports(host, info.name, adapter)]
+    supported = [
+        name for name, adapter in _backbone_adapters(host).items() if _supports(host, info.name, adapter)
+    ]
     templates = sorted(i.name for i in host.infos if i.kind == "template" and info.name in i.carriers)
     return {
         **_common(info, obj),
         "cache_class": f"{cache_class.__module__}.{cache_class.__qualname__}" if cache_class else None,
-        "cache_fields": fields, "backbones": supported, "templates": templates,
+        "cache_fields": fields,
+        "backbones": supported,
+        "templates": templates,
     }
 
 
@@ -225,19 +258,25 @@ def _print_info(data: dict[str, Any], obj: Any) -> None:
         print(f"  {data['description']}")
     print()
     rows: list[tuple[str, str]] = [
-        ("version", data["version"] or "-"), ("distribution", data["distribution"]),
-        ("entry point", data["entry_point"]), ("host", data["host_requires"] or "any version"),
+        ("version", data["version"] or "-"),
+        ("distribution", data["distribution"]),
+        ("entry point", data["entry_point"]),
+        ("host", data["host_requires"] or "any version"),
     ]
     kind = data["kind"]
     if kind == "template":
         declared = data["backbones"]
-        rows += [("carriers", _joined(data["carriers"], "none")),
-                 ("backbones", "any (*)" if "*" in declared else _joined(declared, "none")),
-                 ("compatible", _joined(data["compatible_backbones"], "no installed backbone"))]
+        rows += [
+            ("carriers", _joined(data["carriers"], "none")),
+            ("backbones", "any (*)" if "*" in declared else _joined(declared, "none")),
+            ("compatible", _joined(data["compatible_backbones"], "no installed backbone")),
+        ]
     elif kind == "carrier":
-        rows += [("cache class", data["cache_class"] or "-"),
-                 ("backbones", _joined(data["backbones"], "no installed backbone supports it")),
-                 ("templates", _joined(data["templates"], "none installed"))]
+        rows += [
+            ("cache class", data["cache_class"] or "-"),
+            ("backbones", _joined(data["backbones"], "no installed backbone supports it")),
+            ("templates", _joined(data["templates"], "none installed")),
+        ]
     else:
         for key, value in data["describe"].items():
             text = _joined([str(v) for v in value]) if isinstance(value, list | tuple) else str(value)
@@ -310,32 +349,6 @@ def _finding(info: Any, category: str, message: str) -> Finding:
     return Finding(info.kind, info.name, info.distribution, info.version, category, message)
 
 
-def _explain_load_error(info: Any) -> tuple[str, str]:
-    """Tell a bad entry point (no such module / attribute) from a module that raised at import."""
-    import importlib.util
-
-    ep = info.entry_point
-    module_name, attr = ep.module, ep.attr
-    if module_name in sys.modules:  # the module imported: the attribute, or the object itself, is at fault
-        obj = sys.modules[module_name]
-        for part in attr.split(".") if attr else ():
-            if not hasattr(obj, part):
-                return "bad entry point", (f"bad entry point {ep.value!r}: module {module_name!r} has no "
-                                           f"attribute {attr!r}")
-            obj = getattr(obj, part)
-        return "load failed", f"failed to load: {info.problem}"
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except ModuleNotFoundError as exc:  # a parent package is missing, or raised this while importing
-        missing = exc.name or ""
-        spec = None if missing and (module_name == missing or module_name.startswith(missing + ".")) else True
-    except Exception:  # a parent package raised at import
-        spec = True
-    if spec is None:
-        return "bad entry point", f"bad entry point {ep.value!r}: there is no module named {module_name!r}"
-    return "import error", f"raised at import: {info.problem}"
-
-
 def _check_templates(host: Any) -> list[Finding]:
     """Metadata keywords that disagree with the loaded templates; carriers nobody provides."""
     findings: list[Finding] = []
@@ -345,59 +358,106 @@ def _check_templates(host: Any) -> list[Finding]:
         if info.kind == "template":
             by_dist.setdefault(info.distribution, []).append(info)
     for dist, infos in by_dist.items():
-        loaded = [i for i in infos if i.status == "loaded"]
-        if not loaded:
-            continue
-        objs = {i.name: host.get("template", i.name) for i in loaded}
-        # Keywords may be scoped to one template (dt-carrier:kv@name): each template has its own view.
-        all_meta_carriers: set[str] = set()
-        all_meta_backbones: set[str] = set()
-        all_carriers: set[str] = set()
-        all_backbones: set[str] = set()
-        for info in loaded:
-            meta_carriers = set(info.carriers)
-            meta_backbones = set(info.backbones) or {"*"}  # no dt-backbone keyword: no restriction claimed
-            all_meta_carriers |= meta_carriers
-            all_meta_backbones |= meta_backbones
-            obj = objs[info.name]
-            carriers = {str(c) for c in getattr(obj, "carriers", ()) or ()}
-            backbones = {str(b) for b in getattr(obj, "backbones", ("*",)) or ()} or {"*"}
-            all_carriers |= carriers
-            all_backbones |= backbones
-            undeclared = sorted(carriers - meta_carriers)
-            if undeclared:
-                findings.append(_finding(info, "metadata mismatch", (
-                    f"emits carrier(s) {', '.join(undeclared)} but the distribution's metadata declares "
-                    f"{_joined(sorted(meta_carriers), 'none')} (add "
-                    f"{', '.join('dt-carrier:' + c for c in undeclared)} to its Keywords)")))
-            extra_backbones = sorted(backbones - meta_backbones)
-            if extra_backbones and "*" not in meta_backbones:
-                claim = ("any backbone (*)" if "*" in backbones
-                         else f"backbone(s) {', '.join(extra_backbones)}")
-                findings.append(_finding(info, "metadata mismatch", (
-                    f"supports {claim} but the distribution's metadata declares only "
-                    f"{', '.join(sorted(meta_backbones))} (dt-backbone keywords)")))
-            for carrier in sorted(carriers - carrier_names):
-                findings.append(_finding(info, "missing carrier", (
-                    f"emits carrier {carrier!r}, which no installed carrier plugin provides "
-                    f"(installed: {_joined(sorted(carrier_names), 'none')})")))
-        if len(loaded) < len(infos):
-            continue  # some templates of this distribution did not load: their attributes are unknown
-        names = ", ".join(sorted(objs))
-        where = Finding("template", names, dist, loaded[0].version, "metadata mismatch", "")
-        unused = sorted(all_meta_carriers - all_carriers)
-        if unused:
-            where.message = (f"the distribution's metadata declares carrier(s) {', '.join(unused)} "
-                             f"(dt-carrier keywords) that the plugin does not emit (it emits "
-                             f"{_joined(sorted(all_carriers), 'none')})")
-            findings.append(where)
-        unclaimed = sorted(all_meta_backbones - all_backbones)
-        if unclaimed and "*" not in all_backbones:
-            what = "declares no dt-backbone keyword (any backbone)" if unclaimed == ["*"] else (
-                f"declares backbone(s) {', '.join(unclaimed)} (dt-backbone keywords)")
-            findings.append(Finding("template", names, dist, loaded[0].version, "metadata mismatch",
-                                    f"the distribution's metadata {what} but the plugin supports only "
-                                    f"{', '.join(sorted(all_backbones))}"))
+        try:
+            findings += _check_distribution(host, dist, infos, carrier_names)
+        except Exception as exc:  # a plugin attribute that raises must not cut the report short
+            findings += [
+                _finding(i, "load failed", f"its attributes could not be read: {type(exc).__name__}: {exc}")
+                for i in infos
+                if i.status == "loaded"
+            ]
+    return findings
+
+
+def _check_distribution(host: Any, dist: str, infos: list[Any], carrier_names: set[str]) -> list[Finding]:
+    """``_check_templates`` for the templates of one distribution."""
+    findings: list[Finding] = []
+    loaded = [i for i in infos if i.status == "loaded"]
+    if not loaded:
+        return findings
+    objs = {i.name: host.get("template", i.name) for i in loaded}
+    # Keywords may be scoped to one template (dt-carrier:kv@name): each template has its own view.
+    all_meta_carriers: set[str] = set()
+    all_meta_backbones: set[str] = set()
+    all_carriers: set[str] = set()
+    all_backbones: set[str] = set()
+    for info in loaded:
+        meta_carriers = set(info.carriers)
+        meta_backbones = set(info.backbones) or {"*"}  # no dt-backbone keyword: no restriction claimed
+        all_meta_carriers |= meta_carriers
+        all_meta_backbones |= meta_backbones
+        obj = objs[info.name]
+        carriers = {str(c) for c in getattr(obj, "carriers", ()) or ()}
+        backbones = {str(b) for b in getattr(obj, "backbones", ("*",)) or ()} or {"*"}
+        all_carriers |= carriers
+        all_backbones |= backbones
+        undeclared = sorted(carriers - meta_carriers)
+        if undeclared:
+            findings.append(
+                _finding(
+                    info,
+                    "metadata mismatch",
+                    (
+                        f"emits carrier(s) {', '.join(undeclared)} but the distribution's metadata declares "
+                        f"{_joined(sorted(meta_carriers), 'none')} (add "
+                        f"{', '.join('dt-carrier:' + c for c in undeclared)} to its Keywords)"
+                    ),
+                )
+            )
+        extra_backbones = sorted(backbones - meta_backbones)
+        if extra_backbones and "*" not in meta_backbones:
+            claim = "any backbone (*)" if "*" in backbones else f"backbone(s) {', '.join(extra_backbones)}"
+            findings.append(
+                _finding(
+                    info,
+                    "metadata mismatch",
+                    (
+                        f"supports {claim} but the distribution's metadata declares only "
+                        f"{', '.join(sorted(meta_backbones))} (dt-backbone keywords)"
+                    ),
+                )
+            )
+        for carrier in sorted(carriers - carrier_names):
+            findings.append(
+                _finding(
+                    info,
+                    "missing carrier",
+                    (
+                        f"emits carrier {carrier!r}, which no installed carrier plugin provides "
+                        f"(installed: {_joined(sorted(carrier_names), 'none')})"
+                    ),
+                )
+            )
+    if len(loaded) < len(infos):
+        return findings  # some templates of this distribution did not load: their attributes are unknown
+    names = ", ".join(sorted(objs))
+    where = Finding("template", names, dist, loaded[0].version, "metadata mismatch", "")
+    unused = sorted(all_meta_carriers - all_carriers)
+    if unused:
+        where.message = (
+            f"the distribution's metadata declares carrier(s) {', '.join(unused)} "
+            f"(dt-carrier keywords) that the plugin does not emit (it emits "
+            f"{_joined(sorted(all_carriers), 'none')})"
+        )
+        findings.append(where)
+    unclaimed = sorted(all_meta_backbones - all_backbones)
+    if unclaimed and "*" not in all_backbones:
+        what = (
+            "declares no dt-backbone keyword (any backbone)"
+            if unclaimed == ["*"]
+            else (f"declares backbone(s) {', '.join(unclaimed)} (dt-backbone keywords)")
+        )
+        findings.append(
+            Finding(
+                "template",
+                names,
+                dist,
+                loaded[0].version,
+                "metadata mismatch",
+                f"the distribution's metadata {what} but the plugin supports only "
+                f"{', '.join(sorted(all_backbones))}",
+            )
+        )
     return findings
 
 
@@ -405,13 +465,29 @@ def _check_commands() -> list[Finding]:
     """Register every extension command into a scratch parser, as ``dt`` would, and report failures."""
     _, sub = _build_parser()
     sources, broken = _load_extensions(sub)
-    findings = [Finding("command", b.name, b.distribution, b.version, "command plugin",
-                        f"command plugin {b.value!r} could not be registered: {b.reason}") for b in broken]
+    findings = [
+        Finding(
+            "command",
+            b.name,
+            b.distribution,
+            b.version,
+            "command plugin",
+            f"command plugin {b.value!r} could not be registered: {b.reason}",
+        )
+        for b in broken
+    ]
     for command, source in sorted(sources.items()):
         if sub.choices[command].get_default("func") is None:
-            findings.append(Finding(
-                "command", command, source.distribution, source.version, "command plugin",
-                f"command plugin {source.value!r} added {command!r} without set_defaults(func=)"))
+            findings.append(
+                Finding(
+                    "command",
+                    command,
+                    source.distribution,
+                    source.version,
+                    "command plugin",
+                    f"command plugin {source.value!r} added {command!r} without set_defaults(func=)",
+                )
+            )
     return findings
 
 
@@ -429,20 +505,44 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             problems.append(_finding(info, "incompatible", f"incompatible host: {info.problem}"))
         elif info.status == "conflict":
             problems.append(_finding(info, "conflict", f"name conflict: {info.problem}"))
-        elif info.status == "error":
-            problems.append(_finding(info, *_explain_load_error(info)))
+        elif info.status in ("broken", "error"):  # diagnosed where it was found (plugins.py)
+            category, message = info.diagnosis or (info.status, f"{info.status}: {info.problem}")
+            problems.append(_finding(info, category, message))
     problems += _check_templates(host)
-    problems += _check_commands()
+    try:
+        problems += _check_commands()
+    except Exception as exc:  # the report is printed whatever a command plugin does
+        problems.append(
+            Finding(
+                "command",
+                "*",
+                "<commands>",
+                "",
+                "command plugin",
+                f"command plugins could not be checked: {type(exc).__name__}: {exc}",
+            )
+        )
     infos = sorted(host.infos, key=_sort_key)
     if args.json:
-        print(json.dumps({
-            "ok": not problems, "plugins": [i.as_dict() for i in infos],
-            "problems": [vars(p) for p in problems], "notes": [vars(n) for n in notes],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "ok": not problems,
+                    "plugins": [i.as_dict() for i in infos],
+                    "problems": [vars(p) for p in problems],
+                    "notes": [vars(n) for n in notes],
+                },
+                indent=2,
+            )
+        )
         return 1 if problems else 0
     loaded = sum(i.status == "loaded" for i in infos)
-    print(_table(("KIND", "NAME", "VERSION", "DISTRIBUTION", "STATUS"),
-                 [(i.kind, i.name, i.version or "-", i.distribution, i.status) for i in infos]))
+    print(
+        _table(
+            ("KIND", "NAME", "VERSION", "DISTRIBUTION", "STATUS"),
+            [(i.kind, i.name, i.version or "-", i.distribution, i.status) for i in infos],
+        )
+    )
     print(f"\n{len(infos)} plugins: {loaded} loaded, {len(problems)} problem(s), {len(notes)} disabled")
     if problems:
         print("\nproblems:")
@@ -470,8 +570,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except Exception as exc:
         missing = isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}.demo"
         why = "it is not part of this installation" if missing else f"{type(exc).__name__}: {exc}"
-        _err(f"`dt {args.command}` needs the diffusion_templates.demo module, which could not be imported: "
-             f"{why}")
+        _err(
+            f"`dt {args.command}` needs the diffusion_templates.demo module, which could not be imported: "
+            f"{why}"
+        )
         return 1
     entry = getattr(demo, "main", None)
     if not callable(entry):
@@ -496,47 +598,86 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(
         prog="dt",
         description="Diffusion Templates: controllable-generation plugins for diffusers pipelines.",
-        epilog="Installed distributions may add commands (entry point group diffusion_templates.commands).")
+        epilog="Installed distributions may add commands (entry point group diffusion_templates.commands).",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    p = sub.add_parser("list", help="list installed plugins (reads metadata, imports nothing)",
-                       description="List installed plugins from package metadata alone (imports no plugin).")
+    p = sub.add_parser(
+        "list",
+        help="list installed plugins (reads metadata, imports nothing)",
+        description="List installed plugins from package metadata alone (imports no plugin).",
+    )
     p.add_argument("--kind", choices=KINDS, help="only plugins of this kind")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("info", help="describe one plugin: inputs, carriers, backbones",
-                       description="Import one plugin and describe it (inputs schema, carriers, backbones).")
+    p = sub.add_parser(
+        "info",
+        help="describe one plugin: inputs, carriers, backbones",
+        description="Import one plugin and describe it (inputs schema, carriers, backbones).",
+    )
     p.add_argument("name", help="plugin name (see `dt list`)")
     p.add_argument("--kind", choices=KINDS, help="which kind, when a name is used by several kinds")
     p.add_argument("--json", action="store_true", help="print JSON (inputs as JSON Schema)")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("doctor", help="import every plugin and report problems",
-                       description="Import every plugin and report each problem; "
-                                   "exit code 1 if there are any.")
+    p = sub.add_parser(
+        "doctor",
+        help="import every plugin and report problems",
+        description="Import every plugin and report each problem; exit code 1 if there are any.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_doctor)
 
-    p = sub.add_parser("demo", help="run the demo: a contact sheet of every installed template",
-                       description="Generate a contact sheet (base image, each installed template alone, the "
-                                   "paper's fusion examples) and a report of measured effects.")
+    p = sub.add_parser(
+        "demo",
+        help="run the demo: a contact sheet of every installed template",
+        description="Generate a contact sheet (base image, each installed template alone, the "
+        "paper's fusion examples) and a report of measured effects.",
+    )
     p.add_argument("--out", metavar="DIR", default="dt-demo", help="output directory (default: dt-demo)")
     p.add_argument("--steps", metavar="N", type=int, help="denoising steps (default: the base model's)")
     p.add_argument("--base", metavar="MODEL", help="diffusers folder or hub id (default: the embedded model)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (.bin/.pt/.ckpt) from --base: pickles can run code, "
+        "use only for files you trust (default: refused)",
+    )
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("generate", help="generate an image with templates",
-                       description="Generate an image with templates, e.g. "
-                                   "dt generate --prompt 'a red circle' --template brightness scale=0.8")
+    p = sub.add_parser(
+        "generate",
+        help="generate an image with templates",
+        description="Generate an image with templates, e.g. "
+        "dt generate --prompt 'a red circle' --template brightness scale=0.8",
+    )
     p.add_argument("--prompt", default="", help="the text prompt")
-    p.add_argument("--template", "-t", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                   help="a template and its inputs (repeatable); values are JSON or plain strings")
-    p.add_argument("--negative-template", nargs="+", action="append", default=[],
-                   metavar=("NAME", "KEY=VALUE"),
-                   help="a template for the unconditional CFG branch (repeatable)")
+    p.add_argument(
+        "--template",
+        "-t",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "KEY=VALUE"),
+        help="a template and its inputs (repeatable); values are JSON or plain strings",
+    )
+    p.add_argument(
+        "--negative-template",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "KEY=VALUE"),
+        help="a template for the unconditional CFG branch (repeatable)",
+    )
     p.add_argument("--base", metavar="MODEL", help="diffusers folder or hub id (default: the embedded model)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (.bin/.pt/.ckpt) from --base: pickles can run code, "
+        "use only for files you trust (default: refused)",
+    )
     p.add_argument("--steps", metavar="N", type=int, help="denoising steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, help="image height and width in pixels")
@@ -552,28 +693,34 @@ def _load_extensions(sub: Any) -> tuple[dict[str, _Source], list[_Source]]:
 
     Returns the commands added (name -> where from) and the entry points that failed.
     """
-    from importlib import metadata
+    from .installed import entries
+    from .interrupts import InterruptWatch
 
     sources: dict[str, _Source] = {}
     broken: list[_Source] = []
-    try:
-        eps = list(metadata.entry_points(group=COMMANDS_GROUP))
-    except Exception as exc:  # unreadable metadata must not take the CLI down
-        return sources, [_Source("*", "<metadata>", "", COMMANDS_GROUP, f"{type(exc).__name__}: {exc}")]
-    for ep in eps:
-        source = _Source(ep.name, ep.dist.metadata["Name"] if ep.dist is not None else "<unknown>",
-                         ep.dist.version if ep.dist is not None else "", ep.value)
-        before = set(sub.choices)
-        try:
-            register = ep.load()
-            if not callable(register):
-                raise TypeError(f"{ep.value} is a {type(register).__name__}, "
-                                "not a register(subparsers) function")
-            register(sub)
-        except (Exception, SystemExit) as exc:
-            source.reason = f"{type(exc).__name__}: {exc}"
+    for entry in entries([COMMANDS_GROUP]):  # one broken distribution or line spoils only itself
+        source = _Source(entry.name, entry.dist.name, entry.dist.version, entry.value)
+        if entry.problem is not None:
+            source.reason = entry.problem
             broken.append(source)
             continue
+        before = set(sub.choices)
+        # BaseException: a plugin's sys.exit() or its own KeyboardInterrupt is its failure; the user's
+        # Ctrl-C propagates (InterruptWatch, as for template plugins in plugins.py).
+        with InterruptWatch() as watch:
+            try:
+                register = entry.entry_point().load()
+                if not callable(register):
+                    raise TypeError(
+                        f"{entry.value} is a {type(register).__name__}, not a register(subparsers) function"
+                    )
+                register(sub)
+            except BaseException as exc:
+                if watch.is_users(exc):
+                    raise
+                source.reason = f"{type(exc).__name__}: {exc}"
+                broken.append(source)
+                continue
         for name in set(sub.choices) - before:
             sources[name] = source
     return sources, broken
@@ -596,8 +743,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources: dict[str, _Source] = {}
     if first not in BUILTIN_COMMANDS:  # extension commands load only when they may be wanted
         sources, broken = _load_extensions(sub)
-        messages = {b.name: (f"command plugin {b.name!r} (distribution {b.distribution}, entry point "
-                             f"{b.value!r}) could not be loaded: {b.reason}") for b in broken}
+        messages = {
+            b.name: (
+                f"command plugin {b.name!r} (distribution {b.distribution}, entry point "
+                f"{b.value!r}) could not be loaded: {b.reason}"
+            )
+            for b in broken
+        }
         if first in messages and first not in sources:  # the command asked for is the broken one
             _err(messages[first])
             return 1
@@ -631,8 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = sources.get(args.command)
         if source is None or os.environ.get("DT_TRACEBACK"):
             raise  # a bug in dt itself: the traceback is the report
-        _err(f"command {args.command!r} (from {source.distribution}, {source.value!r}) failed: "
-             f"{type(exc).__name__}: {exc} (set DT_TRACEBACK=1 for the traceback)")
+        _err(
+            f"command {args.command!r} (from {source.distribution}, {source.value!r}) failed: "
+            f"{type(exc).__name__}: {exc} (set DT_TRACEBACK=1 for the traceback)"
+        )
         return 1
 
 

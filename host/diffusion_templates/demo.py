@@ -11,16 +11,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .installed import entries
 from .plugins import PluginHost, default_host
 
 BASE_MODELS_GROUP = "diffusion_templates.base_models"
@@ -47,15 +48,26 @@ class BaseModel:
     )
 
 
-def load_base(base: str | None) -> BaseModel:
-    """``--base`` (a diffusers folder or hub id), else the embedded model, else a tiny random FLUX.2."""
+def load_base(base: str | None, *, allow_pickle: bool = False) -> BaseModel:
+    """``--base`` (a diffusers folder or hub id), else the embedded model, else a tiny random FLUX.2.
+
+    ``base`` is loaded from safetensors only unless ``allow_pickle`` (``--allow-pickle``): a folder
+    with pickle weights is refused, naming them, before anything is loaded (``pickle_guard``). A job
+    file cannot allow pickles, only the person running the command.
+    """
     if base:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(base)
+        from .pickle_guard import from_pretrained
+
+        pipe = from_pretrained(DiffusionPipeline.from_pretrained, base, allow_pickle=allow_pickle)
         return BaseModel(pipe, {}, f"diffusers pipeline from {base}")
-    for ep in metadata.entry_points(group=BASE_MODELS_GROUP):
-        loader: Callable[[], BaseModel] = ep.load()
+    for entry in entries([BASE_MODELS_GROUP]):
+        where = f"base model {entry.name!r} (distribution {entry.dist.name})"
+        if entry.problem is not None:
+            print(f"dt: warning: {where} is broken: {entry.problem}", file=sys.stderr)
+            continue
+        loader: Callable[[], BaseModel] = entry.entry_point().load()
         return loader()
     from .testing.tiny import TINY_PIPELINES
 
@@ -149,6 +161,11 @@ def _threads(pipe: Any) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _allow_pickle(args: argparse.Namespace) -> bool:
+    """``--allow-pickle``; a namespace built by hand without it (tests, scripts) refuses pickles."""
+    return vars(args).get("allow_pickle", False) is True
+
+
 # -- dt generate ---------------------------------------------------------------------------------------------
 def _job(args: argparse.Namespace) -> dict[str, Any]:
     job: dict[str, Any] = {}
@@ -183,7 +200,7 @@ def generate(args: argparse.Namespace) -> int:
     from .pipeline import TemplatePipeline
 
     job = _job(args)
-    base = load_base(job.get("base"))
+    base = load_base(job.get("base"), allow_pickle=_allow_pickle(args))
     print(f"base model: {base.description}")
     kwargs = dict(base.call_kwargs)
     if job.get("steps"):
@@ -241,7 +258,7 @@ def demo(args: argparse.Namespace, host: PluginHost | None = None) -> int:
     host = host or default_host()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_base(args.base)
+    base = load_base(args.base, allow_pickle=_allow_pickle(args))
     with _threads(base.pipe):
         return _demo(args, host, out, base, started)
 
@@ -345,7 +362,7 @@ def _report(description: str, prompt: str, rows, skipped, timing: dict[str, Any]
         "",
         "Measured on each output image (pixel values in [0, 1]; Δ = change from the image of the same "
         "prompt without templates). Trained templates control what the caption leaves open, so their "
-        "rows use a caption without it (the prompt column; \"-\" = the prompt above).",
+        'rows use a caption without it (the prompt column; "-" = the prompt above).',
         "",
         "| run | prompt | luminance | Δ luminance | mean R | mean G | mean B | HF energy | Δ HF energy "
         "| time |",

@@ -7,7 +7,9 @@ A template calls, from its ``encode``::
     model = models.load(BrightnessModel, folder, device=context.device, dtype=context.dtype)
 
 The first call loads the weights (``cls.from_pretrained``: safetensors and JSON only, see
-``TemplateModel.from_pretrained``); later calls return the same module at once. Models stay
+``TemplateModel.from_pretrained``; for any other class ``use_safetensors=True`` is passed and a
+folder of pickle weights is refused unless ``allow_pickle=True``, see ``pickle_guard``); later
+calls return the same module at once. Models stay
 loaded until the loader's byte budget needs room, least recently used first, so registering many
 templates costs nothing until they are used and switching between used ones reloads nothing (the
 reference implementation's ``lazy_loading`` reloads code and weights at every switch).
@@ -140,15 +142,19 @@ class TemplateModelLoader:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         loader: Callable[..., torch.nn.Module] | None = None,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> torch.nn.Module:
         """The model of class ``cls`` with the weights in ``folder`` (a folder or hub id), in eval mode,
         on ``device`` (default: where it was loaded, the CPU), in ``dtype`` (default: as saved).
 
-        ``kwargs`` go to ``cls.from_pretrained`` (with ``torch_dtype=dtype``); ``loader(folder, **kwargs)``
-        replaces it.
+        ``kwargs`` go to ``cls.from_pretrained`` (with ``torch_dtype=dtype`` and ``use_safetensors=True``);
+        ``loader(folder, **kwargs)`` replaces it. A local folder whose weights are pickles only is refused
+        (:class:`~diffusion_templates.pickle_guard.PickleWeightsError`) unless ``allow_pickle``, with a
+        custom ``loader`` too. A model loaded with ``allow_pickle`` is kept under its own key: a later
+        call without it is refused as usual rather than served the unpickled model.
         """
-        key = self.key(cls, folder, dtype, kwargs)
+        key = self.key(cls, folder, dtype, {**kwargs, "allow_pickle": True} if allow_pickle else kwargs)
         target = torch.device(device) if device is not None else None
         while True:
             with self._lock:
@@ -165,7 +171,7 @@ class TemplateModelLoader:
                 flight.done.wait()
                 continue  # loaded (a hit next time round) or failed (load ourselves, raise our own error)
             try:
-                model = self._read(cls, folder, dtype, loader, kwargs)
+                model = self._read(cls, folder, dtype, loader, kwargs, allow_pickle)
                 if target is not None:
                     model.to(target)
                 with self._lock:
@@ -230,10 +236,17 @@ class TemplateModelLoader:
 
     # -- internals -------------------------------------------------------------------------------------
     @staticmethod
-    def _read(cls, folder, dtype, loader, kwargs) -> torch.nn.Module:
+    def _read(cls, folder, dtype, loader, kwargs, allow_pickle: bool) -> torch.nn.Module:
+        from .pickle_guard import from_pretrained, refuse_pickle
+
         if dtype is not None:
             kwargs = {**kwargs, "torch_dtype": dtype}
-        model = (loader or cls.from_pretrained)(folder, **kwargs)  # diffusers casts (and keeps fp32 modules)
+        if loader is not None:  # the caller's function: its keywords are its own; the folder check is ours
+            if not allow_pickle:
+                refuse_pickle(folder)
+            model = loader(folder, **kwargs)
+        else:  # diffusers casts (and keeps fp32 modules)
+            model = from_pretrained(cls.from_pretrained, folder, allow_pickle=allow_pickle, **kwargs)
         return model.eval().requires_grad_(False)
 
     def _move(self, model: torch.nn.Module, device: torch.device) -> None:
@@ -296,7 +309,8 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """``default_loader().load(...)``: see :meth:`TemplateModelLoader.load`."""
-    return default_loader().load(cls, folder, device=device, dtype=dtype, **kwargs)
+    return default_loader().load(cls, folder, device=device, dtype=dtype, allow_pickle=allow_pickle, **kwargs)

@@ -6,6 +6,13 @@ supports) and its ``dt-carrier:<name>`` / ``dt-backbone:<name>`` keywords (what 
 without importing anything). A plugin module is imported the first time it is used. A plugin that
 cannot be loaded is skipped and reported; it never takes the host down.
 
+One broken distribution never breaks the others: metadata is read one distribution and one entry
+point line at a time (``installed.py``), so a distribution with no ``Name``, an unreadable METADATA
+or an entry point value that is not ``module:attr`` is listed as ``broken``, with the reason, and
+never imported. Anything a plugin raises while it loads (``SystemExit`` and a ``KeyboardInterrupt``
+of its own included) makes that plugin ``error``; the user's Ctrl-C still stops the program
+(``interrupts.py`` tells the two apart).
+
 ``DT_LOAD_PLUGINS`` (comma-separated plugin or distribution names) loads only those;
 ``DT_DISABLE_PLUGINS`` skips the ones named. The host's own carriers and backbones always load.
 """
@@ -14,17 +21,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import pluggy
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from . import __version__, hookspecs
+from . import __version__, hookspecs, installed
 from .errors import PluginError, UnknownTemplateError
+from .interrupts import InterruptWatch
 
 HOST_DISTRIBUTION = "diffusion-templates"
 GROUPS = {
@@ -46,9 +54,13 @@ class PluginInfo:
     carriers: tuple[str, ...] = ()
     backbones: tuple[str, ...] = ()
     host_requires: str | None = None
-    status: str = "not loaded"  # not loaded | loaded | incompatible | disabled | conflict | error
+    # not loaded | loaded | incompatible | disabled | conflict | broken (its metadata; never imported)
+    # | error (it failed to load)
+    status: str = "not loaded"
     problem: str | None = None
     entry_point: Any = field(default=None, repr=False, compare=False)
+    #: ``(category, message)`` for ``dt doctor`` once something went wrong ("bad entry point", ...).
+    diagnosis: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def usable(self) -> bool:
@@ -75,7 +87,7 @@ def _env_names(var: str) -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-def _host_requirement(dist: metadata.Distribution) -> str | None:
+def _host_requirement(dist: installed.Distribution) -> str | None:
     for line in dist.requires or ():
         try:
             req = Requirement(line)
@@ -86,7 +98,7 @@ def _host_requirement(dist: metadata.Distribution) -> str | None:
     return None
 
 
-def _keywords(dist: metadata.Distribution, prefix: str, template: str | None = None) -> tuple[str, ...]:
+def _keywords(dist: installed.Distribution, prefix: str, template: str | None = None) -> tuple[str, ...]:
     """``prefix<value>`` keywords of a distribution; for ``template``, ``prefix<value>@<template>`` ones.
 
     A distribution registering several templates with different carriers or backbones scopes each
@@ -106,28 +118,29 @@ def _keywords(dist: metadata.Distribution, prefix: str, template: str | None = N
 def discover() -> list[PluginInfo]:
     """Every plugin entry point, from metadata alone (imports no plugin, torch or diffusers)."""
     allow, deny = _env_names("DT_LOAD_PLUGINS"), _env_names("DT_DISABLE_PLUGINS") or set()
+    entries = installed.entries(GROUPS.values())
     infos: list[PluginInfo] = []
     for kind, group in GROUPS.items():
-        for ep in metadata.entry_points(group=group):
-            dist = ep.dist
-            dist_name = dist.metadata["Name"] if dist is not None else "<unknown>"
+        for entry in (e for e in entries if e.group == group):
+            dist = entry.dist
             info = PluginInfo(
-                kind=kind,
-                name=ep.name,
-                value=ep.value,
-                distribution=dist_name,
-                version=dist.version if dist is not None else "?",
-                entry_point=ep,
+                kind=kind, name=entry.name, value=entry.value, distribution=dist.name, version=dist.version
             )
-            own = canonicalize_name(dist_name) == HOST_DISTRIBUTION
             if kind == "template":
-                info.carriers = _keywords(dist, "dt-carrier:", ep.name) if dist else ()
-                info.backbones = _keywords(dist, "dt-backbone:", ep.name) if dist else ()
+                info.carriers = _keywords(dist, "dt-carrier:", entry.name)
+                info.backbones = _keywords(dist, "dt-backbone:", entry.name)
             elif kind == "carrier":
-                info.carriers = (ep.name,)
+                info.carriers = (entry.name,)
             else:
-                info.backbones = (ep.name,)
-            if dist is not None and not own:
+                info.backbones = (entry.name,)
+            infos.append(info)
+            if entry.problem is not None:
+                info.status, info.problem = "broken", entry.problem
+                info.diagnosis = (entry.category or "broken", f"broken: {entry.problem}")
+                continue
+            info.entry_point = entry.entry_point()
+            own = canonicalize_name(dist.name) == HOST_DISTRIBUTION
+            if not own:
                 info.host_requires = _host_requirement(dist)
                 if info.host_requires and __version__ not in _specifier(info.host_requires):
                     info.status = "incompatible"
@@ -135,11 +148,10 @@ def discover() -> list[PluginInfo]:
                         f"supports diffusion-templates {info.host_requires}, this host is {__version__}"
                     )
             if info.usable and not own:
-                names = {ep.name, dist_name, canonicalize_name(dist_name)}
+                names = {entry.name, dist.name, canonicalize_name(dist.name)}
                 if (allow is not None and not names & allow) or names & deny:
                     info.status = "disabled"
                     info.problem = "disabled by DT_LOAD_PLUGINS / DT_DISABLE_PLUGINS"
-            infos.append(info)
     _flag_conflicts(infos)
     return infos
 
@@ -205,19 +217,34 @@ class PluginHost:
                 raise PluginError(
                     f"is {info.status}: {info.problem}", plugin=name, distribution=info.distribution
                 )
-            try:
-                obj = self._load(info)
-            except Exception as exc:
-                info.status, info.problem = "error", f"{type(exc).__name__}: {exc}"
-                raise PluginError(
-                    f"failed to load: {info.problem}", plugin=name, distribution=info.distribution
-                ) from exc
+            obj = self._load_reporting(info)
             info.status = "loaded"
             self._objects[(kind, name)] = obj
             return obj
 
-    def _load(self, info: PluginInfo) -> Any:
+    def _load_reporting(self, info: PluginInfo) -> Any:
+        """``_load``; whatever the plugin raises becomes a ``PluginError`` naming it, and its status.
+
+        ``BaseException`` is caught on purpose: a plugin calling ``sys.exit()`` at import, or raising
+        ``KeyboardInterrupt`` itself, must not end ``dt doctor`` or a server. A ``KeyboardInterrupt``
+        from a real Ctrl-C (the user's) propagates; ``InterruptWatch`` says which one it is.
+        """
+        stage = ["import"]
+        with InterruptWatch() as watch:
+            try:
+                return self._load(info, stage)
+            except BaseException as exc:
+                if watch.is_users(exc):
+                    raise  # the user's Ctrl-C (as a KeyboardInterrupt once the watch ends), not the plugin's
+                info.status, info.problem = "error", _describe(exc)
+                info.diagnosis = _diagnose(info, exc, stage[0])
+                raise PluginError(
+                    f"failed to load: {info.problem}", plugin=info.name, distribution=info.distribution
+                ) from exc
+
+    def _load(self, info: PluginInfo, stage: list[str]) -> Any:
         obj = info.entry_point.load()
+        stage[0] = "setup"  # imported: what fails from here on is the object, not its module
         if inspect.isclass(obj) and info.kind != "backbone":  # adapters are instantiated per pipeline
             obj = obj()
         _check_shape(info, obj)
@@ -278,7 +305,7 @@ class PluginHost:
 
         try:
             return caller(**kwargs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() ends its call, not the process
             from .errors import TemplateError
 
             if isinstance(exc, TemplateError):
@@ -309,6 +336,32 @@ class PluginHost:
             "installed "
             f"backbone adapter; supported: {'; '.join(tried) or 'none'}"
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, with what ``SystemExit`` and ``KeyboardInterrupt`` mean here."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the plugin called sys.exit({exc.code!r})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt raised by the plugin itself (not a Ctrl-C)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _diagnose(info: PluginInfo, exc: BaseException, stage: str) -> tuple[str, str]:
+    """``dt doctor``'s category and message: a bad entry point (no such module or attribute), a module
+    that raised at import, or an object that failed once imported. Decided from the exception and
+    ``sys.modules`` alone: importing anything again could run the plugin's failing code twice."""
+    ep = info.entry_point
+    if stage == "setup":
+        return "load failed", f"failed to load: {info.problem}"
+    missing = (exc.name or "") if isinstance(exc, ModuleNotFoundError) else ""
+    if missing and (ep.module == missing or ep.module.startswith(missing + ".")):
+        return "bad entry point", f"bad entry point {ep.value!r}: there is no module named {ep.module!r}"
+    if isinstance(exc, AttributeError) and ep.module in sys.modules:  # imported, but no such attribute
+        return "bad entry point", (
+            f"bad entry point {ep.value!r}: module {ep.module!r} has no attribute {ep.attr!r}"
+        )
+    return "import error", f"raised at import: {info.problem}"
 
 
 def _check_shape(info: PluginInfo, obj: Any) -> None:

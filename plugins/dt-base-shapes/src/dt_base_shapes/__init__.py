@@ -33,11 +33,17 @@ PROMPTS = [
 ]
 
 
-def load_pipeline(folder: str | Path | None = None):
-    """``Flux2KleinPipeline.from_pretrained`` on the committed weights (or ``folder``), CPU, eval mode."""
-    from diffusers import Flux2KleinPipeline
+def load_pipeline(folder: str | Path | None = None, *, allow_pickle: bool = False):
+    """``Flux2KleinPipeline.from_pretrained`` on the committed weights (or ``folder``), CPU, eval mode.
 
-    pipe = Flux2KleinPipeline.from_pretrained(str(folder or WEIGHTS))
+    Safetensors only unless ``allow_pickle``: a folder with pickle weights is refused before
+    anything is loaded (``diffusion_templates.pickle_guard``).
+    """
+    from diffusers import Flux2KleinPipeline
+    from diffusion_templates.pickle_guard import from_pretrained
+
+    load = Flux2KleinPipeline.from_pretrained
+    pipe = from_pretrained(load, str(folder or WEIGHTS), allow_pickle=allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

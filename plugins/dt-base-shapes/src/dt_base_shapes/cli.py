@@ -35,7 +35,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     kwargs = dict(CALL_KWARGS)
     if args.steps:
         kwargs["num_inference_steps"] = args.steps
@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="generate for held-out captions and measure accuracy")
     p.add_argument("--model", help="a diffusers folder (default: the committed weights)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (.bin) from --model: only for files you trust",
+    )
     p.add_argument("--n", type=int, default=64, help="held-out captions (one image each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int)

@@ -201,7 +201,9 @@ def train_transformer(
     losses: list[float] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        # weights_only: the restricted unpickler (tensors and plain containers, never code), so a
+        # planted or corrupted resume file cannot run anything; everything saved here is of those types.
+        state = torch.load(checkpoint, weights_only=True)
         if state["config"] == asdict(cfg):
             transformer.load_state_dict(state["transformer"])
             ema.load_state_dict(state["ema"])
@@ -286,7 +288,7 @@ def train(out: str | Path, cfg: TrainConfig | None = None, log=print) -> dict[st
     ckpt = Path(str(out) + ".ckpt") if cfg.checkpoint_every else None
     t0 = time.perf_counter()
     vae_ckpt = ckpt / "vae.pt" if ckpt else None
-    state = torch.load(vae_ckpt, weights_only=False) if vae_ckpt and vae_ckpt.exists() else None
+    state = torch.load(vae_ckpt, weights_only=True) if vae_ckpt and vae_ckpt.exists() else None
     if state is not None and state["config"] == asdict(cfg):
         vae = make_vae(cfg.seed, **cfg.vae_overrides)
         vae.load_state_dict(state["vae"])

@@ -22,22 +22,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="data set folder with samples.jsonl")
     parser.add_argument("--out", required=True, type=Path, help="output folder (model + training.json)")
     parser.add_argument("--base", default=None, help="diffusers folder or hub id (default: embedded)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (.bin) from --base: only for files you trust",
+    )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--stage", choices=["all", "precompute", "train", "one"], default="all",
+        "--stage",
+        choices=["all", "precompute", "train", "one"],
+        default="all",
         help="all: stage 1 if its cache is missing, then stage 2; precompute: stage 1 only; "
-             "train: stage 2 from an existing cache; one: both per batch, no cache (default: all)",
+        "train: stage 2 from an existing cache; one: both per batch, no cache (default: all)",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="stage-1 cache (default: OUT.stage1)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute the denoiser's blocks in backward (less memory, more time)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the denoiser's blocks in backward (less memory, more time)",
+    )
     parser.add_argument("--model-config", default="{}", help="JSON object for the plugin's new_model(...)")
-    parser.add_argument("--call-kwargs", default="{}",
-                        help="JSON object: pipeline call arguments for encoding captions (e.g. "
-                             "text_encoder_out_layers, max_sequence_length); default: the base model's")
+    parser.add_argument(
+        "--call-kwargs",
+        default="{}",
+        help="JSON object: pipeline call arguments for encoding captions (e.g. "
+        "text_encoder_out_layers, max_sequence_length); default: the base model's",
+    )
     parser.add_argument("--init", type=Path, default=None, help="start from save_pretrained weights")
     parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
     parser.add_argument("--caption-dropout", type=float, default=0.0)
@@ -49,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` to the host CLI's sub-commands."""
-    parser = subparsers.add_parser("train", help="train a Template model (two-stage, accelerate-ready)",
-                                   description=DESCRIPTION)
+    parser = subparsers.add_parser(
+        "train", help="train a Template model (two-stage, accelerate-ready)", description=DESCRIPTION
+    )
     add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -79,11 +93,25 @@ def run(args: argparse.Namespace) -> int:
         return fail("--call-kwargs must be a JSON object")
     try:
         cfg = TrainConfig(
-            template=args.template, data=args.data, out=args.out, base=args.base, steps=args.steps,
-            batch=args.batch, lr=args.lr, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-            cache_dir=args.cache_dir, model_config=model_config, init=args.init, size=args.size,
-            caption_dropout=args.caption_dropout, max_rows=args.max_rows, log_every=args.log_every,
-            save_every=args.save_every, call_kwargs=call_kwargs,
+            template=args.template,
+            data=args.data,
+            out=args.out,
+            base=args.base,
+            allow_pickle=args.allow_pickle,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            gradient_checkpointing=args.gradient_checkpointing,
+            cache_dir=args.cache_dir,
+            model_config=model_config,
+            init=args.init,
+            size=args.size,
+            caption_dropout=args.caption_dropout,
+            max_rows=args.max_rows,
+            log_every=args.log_every,
+            save_every=args.save_every,
+            call_kwargs=call_kwargs,
         )
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -100,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if record is not None:
         losses = record["losses"]
-        print(f"trained {record['steps']} steps in {record['seconds']['train']:.1f} s "
-              f"(loss {losses[0]:.4f} -> {losses[-1]:.4f}); saved to {cfg.out}")
+        print(
+            f"trained {record['steps']} steps in {record['seconds']['train']:.1f} s "
+            f"(loss {losses[0]:.4f} -> {losses[-1]:.4f}); saved to {cfg.out}"
+        )
     return 0
 
 

@@ -31,6 +31,8 @@ class TrainConfig:
     base: str | None = None
     """A diffusers folder or hub id; ``None``: the embedded default base model
     (the ``diffusion_templates.base_models`` entry point, as ``dt demo`` uses)."""
+    allow_pickle: bool = False
+    """Also load ``base`` from pickle weights (``.bin``); by default only safetensors are read."""
     steps: int = Field(100, ge=1)
     batch: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -13,13 +13,13 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from diffusion_templates import EncodeContext, TemplateModel, TemplatePipeline
+from diffusion_templates.installed import entries
 from diffusion_templates.plugins import PluginHost, default_host
 
 from .config import TrainConfig, TrainError
@@ -121,13 +121,18 @@ def base_fingerprint(pipe: Any, base: str | None) -> str:
     return _digest(parts)
 
 
-def load_base(base: str | None) -> tuple[Any, dict[str, Any]]:
-    """The pipeline and its call arguments: ``base`` (a diffusers folder or hub id) or the embedded model."""
+def load_base(base: str | None, *, allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The pipeline and its call arguments: ``base`` (a diffusers folder or hub id) or the embedded model.
+
+    ``base`` is read from safetensors only unless ``allow_pickle`` (``dt train --allow-pickle``): a folder
+    of pickle weights is refused by name before anything loads (``diffusion_templates.pickle_guard``).
+    """
     from diffusion_templates.demo import load_base as demo_load_base
 
-    if base is None and not list(metadata.entry_points(group="diffusion_templates.base_models")):
+    embedded = [e for e in entries(["diffusion_templates.base_models"]) if e.problem is None]
+    if base is None and not embedded:
         raise TrainError("no base model: pass --base FOLDER (no embedded base model is installed)")
-    loaded = demo_load_base(base)
+    loaded = demo_load_base(base, allow_pickle=allow_pickle)
     return loaded.pipe, dict(loaded.call_kwargs)
 
 
@@ -149,7 +154,7 @@ def open_session(
         )
     rows = read_rows(cfg.data, cfg.template, plugin.Inputs, cfg.max_rows)  # bad data fails before loading
     if pipe is None:
-        pipe, base_kwargs = load_base(cfg.base)
+        pipe, base_kwargs = load_base(cfg.base, allow_pickle=cfg.allow_pickle)
         if device is not None:
             pipe.to(device)
         call_kwargs = {**base_kwargs, **(call_kwargs or {})}
