@@ -32,9 +32,10 @@ Adapters opt in by listing ``"residual"`` in ``carriers`` and implementing the m
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -447,6 +448,23 @@ def control_for_rows(rows: dict[str, torch.Tensor], layout: BatchLayout) -> torc
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@contextlib.contextmanager
+def no_new_attributes(module: torch.nn.Module | None) -> Iterator[None]:
+    """Remove instance attributes that ``module``'s submodules gain inside the block: some VAEs
+    (Qwen-Image's) create their feature caches as attributes on first encode, and preparing a control
+    image must leave the pipeline's modules as it found them."""
+    if module is None:
+        yield
+        return
+    before = {name: set(sub.__dict__) for name, sub in module.named_modules()}
+    try:
+        yield
+    finally:
+        for name, sub in module.named_modules():
+            for attribute in set(sub.__dict__) - before.get(name, set(sub.__dict__)):
+                delattr(sub, attribute)
+
+
 def per_branch_control(
     control: torch.Tensor, images: int | None, split_cfg: bool, where: str
 ) -> dict[str, torch.Tensor]:
@@ -642,16 +660,17 @@ class ResidualCarrier(Carrier):
             return plan._replace(rows=per_branch_control(control, images, split_cfg, where))
         per_image = per_branch_control(control, images, False, where)["cond"]  # checks the image count
         size = _call_size(target.pipe, adapter, kwargs) or tuple(control.shape[-2:])
-        prepared = adapter.prepare_control_image(
-            per_image,
-            controlnet=plan.controlnet,
-            height=size[0],
-            width=size[1],
-            generator=plan.entry.sampler(),
-            batch_size=images or per_image.shape[0],
-            do_classifier_free_guidance=cfg,
-            guess_mode=plan.entry.guess_mode,
-        )
+        with torch.no_grad(), no_new_attributes(getattr(target.pipe, "vae", None)):
+            prepared = adapter.prepare_control_image(
+                per_image,
+                controlnet=plan.controlnet,
+                height=size[0],
+                width=size[1],
+                generator=plan.entry.sampler(),
+                batch_size=images or per_image.shape[0],
+                do_classifier_free_guidance=cfg,
+                guess_mode=plan.entry.guess_mode,
+            )
         param = next(plan.controlnet.parameters())
         prepared = prepared.to(device=param.device, dtype=param.dtype)
         return plan._replace(rows=per_branch_control(prepared, images or per_image.shape[0], cfg, where))

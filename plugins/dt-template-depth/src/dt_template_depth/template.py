@@ -16,9 +16,7 @@ is no FLUX.2 ControlNet or ControlNet pipeline.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -47,25 +45,6 @@ def demo_inputs(base_image: Image.Image) -> dict[str, Any]:
         "control_image": base_image.convert("L"),
         "controlnet": os.environ.get("DT_DEPTH_CONTROLNET", "diffusers/controlnet-depth-sdxl-1.0"),
     }
-
-
-@contextlib.contextmanager
-def _no_new_attributes(module: torch.nn.Module | None) -> Iterator[None]:
-    """Remove instance attributes that ``module``'s submodules gain inside the block.
-
-    Some VAEs (Qwen-Image's) create their feature caches as attributes on first encode; the template's
-    encoding must not leave the pipeline's modules different from how it found them.
-    """
-    if module is None:
-        yield
-        return
-    before = {name: set(sub.__dict__) for name, sub in module.named_modules()}
-    try:
-        yield
-    finally:
-        for name, sub in module.named_modules():
-            for attribute in set(sub.__dict__) - before.get(name, set(sub.__dict__)):
-                delattr(sub, attribute)
 
 
 class DepthTemplate(Template):
@@ -182,8 +161,7 @@ class DepthTemplate(Template):
         height, width = self.size(inputs, picture, context)
         if isinstance(picture, np.ndarray):
             picture = picture[None]  # (1, H, W, 3): what diffusers' image processors take
-        with torch.no_grad(), _no_new_attributes(getattr(context.pipe, "vae", None)):
-            control = adapter.preprocess_control_image(picture, height=height, width=width)
+        control = adapter.preprocess_control_image(picture, height=height, width=width)
         return {"control": control, "entry": entry}
 
     def to_cache(self, representation: dict[str, Any], context: EncodeContext) -> ResidualCache:
