@@ -320,12 +320,15 @@ def test_injecting_after_a_cfg_call_is_conditional(family, tiny_pipes):
             ours = _prediction(denoiser(**inputs))
         with tp.injecting(negative_templates=[cache]):
             negative = _prediction(denoiser(**inputs))
+        with tp.injecting(negative_templates=[cache], call_kwargs={"prompt": "a cat"}):  # 1 image, 2 rows
+            negative_with_kwargs = _prediction(denoiser(**inputs))
         with tp.injecting(negative_templates=[cache]) as state:  # the caller's own [uncond, cond] rows
             state.fixed_layout = BatchLayout.cfg(1)
             split = _prediction(denoiser(**inputs))
     assert torch.equal(ours[0], ours[1])
     assert (ours - reference).abs().max() < 1e-5
     assert torch.equal(negative, bare)  # a direct call counts as conditional: negative templates miss it
+    assert torch.equal(negative_with_kwargs, bare)  # whatever call_kwargs say about the image count
     assert (split[0] - reference[0]).abs().max() < 1e-5 and torch.equal(split[1], bare[1])
 
 

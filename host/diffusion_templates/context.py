@@ -65,9 +65,8 @@ class CallState:
     adapter's batched ``[uncond, cond]`` layout when the call's batch is twice the call's image count,
     and the call's own arguments (SD3's skip-layer call). Nothing is read from pipeline flags a
     previous call left behind. A denoiser call outside any cache context whose batch is the image
-    count (or whose image count is unknown, as in ``injecting()`` without ``call_kwargs``) is
-    conditional. ``branch`` mirrors it: the branch owning every row, or ``"batched"`` for
-    ``[uncond, cond]`` halves.
+    count, or made directly in ``injecting()`` (``direct``), is conditional. ``branch`` mirrors it:
+    the branch owning every row, or ``"batched"`` for ``[uncond, cond]`` halves.
     """
 
     branch: CallBranch = "cond"
@@ -77,6 +76,10 @@ class CallState:
     #: layout instead of the adapter's (e.g. ``BatchLayout.cfg(n)`` for a custom sampler batching
     #: ``[uncond, cond]``); each denoiser call's batch must then equal ``fixed_layout.batch``.
     fixed_layout: BatchLayout | None = None
+    #: True in ``injecting()``: the caller calls the denoiser directly, no pipeline decides its rows, so
+    #: every call is one branch as a whole (``cond``, or ``uncond`` inside ``cache_context("uncond")``)
+    #: unless ``fixed_layout`` says otherwise, whatever ``call_kwargs`` say about the image count.
+    direct: bool = False
     denoiser_calls: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -253,9 +253,9 @@ class BranchTracker(Injection):
         self.hooks = HookSet()
 
     def apply(self) -> None:
-        # The image count comes from the pipeline call's own arguments (None in ``injecting()``
-        # without ``call_kwargs``: every direct call is then one branch as a whole).
-        images = self.adapter.images_of_call(self.call.kwargs)
+        # The image count comes from the pipeline call's own arguments. Direct calls (``injecting()``)
+        # have no pipeline deciding their rows: without an image count each is one branch as a whole.
+        images = None if self.call.direct else self.adapter.images_of_call(self.call.kwargs)
         self.call.layout = None
         hook = _BranchHook(self.call, self.adapter, images)
         self.hooks.add(self.adapter.denoiser, hook, unique_hook_name("branch"))
