@@ -29,10 +29,18 @@ class BatchLayout:
 
     rows: tuple[tuple[str, slice], ...]
     batch: int
+    #: What extra prediction this call is, beside the pipeline's ordinary CFG branches (e.g.
+    #: ``"skip_layers"`` for SD3's skip-layer guidance call, whose rows are conditional); None otherwise.
+    purpose: str | None = None
 
     @classmethod
-    def single(cls, branch: str, batch: int) -> BatchLayout:
-        return cls(((branch, slice(0, batch)),), batch)
+    def single(cls, branch: str, batch: int, purpose: str | None = None) -> BatchLayout:
+        return cls(((branch, slice(0, batch)),), batch, purpose)
+
+    @classmethod
+    def cfg(cls, images: int) -> BatchLayout:
+        """Batched classifier-free guidance over ``images`` images: ``[uncond, cond]``, uncond first."""
+        return cls((("uncond", slice(0, images)), ("cond", slice(images, 2 * images))), 2 * images)
 
     def rows_of(self, branch: str) -> slice | None:
         """The rows of ``branch`` (None when the call computes no such rows)."""
@@ -51,16 +59,27 @@ class BatchLayout:
 class CallState:
     """Mutable state of one TemplatePipeline call, shared by that call's injections.
 
-    ``branch`` is the classifier-free-guidance branch the denoiser is computing right now. With
-    sequential CFG it follows diffusers' ``transformer.cache_context("cond"/"uncond")``; a denoiser
-    call outside any cache context counts as ``"cond"`` (pipelines without CFG). With batched CFG
-    (SD3, SDXL) it is ``"batched"`` while the pipeline's ``do_classifier_free_guidance`` is on:
-    the first half of the denoiser batch is unconditional, the second conditional.
+    ``layout`` says which rows of the denoiser call running now belong to which branch; the backbone
+    adapter decides it from that call alone (``BackboneAdapter.batch_layout``): the diffusers cache
+    context the pipeline set (``transformer.cache_context("cond"/"uncond")``, sequential CFG), the
+    adapter's batched ``[uncond, cond]`` layout when the call's batch is twice the call's image count,
+    and the call's own arguments (SD3's skip-layer call). Nothing is read from pipeline flags a
+    previous call left behind. A denoiser call outside any cache context whose batch is the image
+    count, or made directly in ``injecting()`` (``direct``), is conditional. ``branch`` mirrors it:
+    the branch owning every row, or ``"batched"`` for ``[uncond, cond]`` halves.
     """
 
     branch: CallBranch = "cond"
     #: Rows per branch of the denoiser call running now (None before the first denoiser call).
     layout: BatchLayout | None = None
+    #: Set by the caller of ``TemplatePipeline.injecting()`` to give its direct denoiser calls this
+    #: layout instead of the adapter's (e.g. ``BatchLayout.cfg(n)`` for a custom sampler batching
+    #: ``[uncond, cond]``); each denoiser call's batch must then equal ``fixed_layout.batch``.
+    fixed_layout: BatchLayout | None = None
+    #: True in ``injecting()``: the caller calls the denoiser directly, no pipeline decides its rows, so
+    #: every call is one branch as a whole (``cond``, or ``uncond`` inside ``cache_context("uncond")``)
+    #: unless ``fixed_layout`` says otherwise, whatever ``call_kwargs`` say about the image count.
+    direct: bool = False
     denoiser_calls: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -109,3 +128,9 @@ class InjectionTarget:
     adapter: BackboneAdapter
     branch: Branch
     call: CallState
+
+    @property
+    def images(self) -> int | None:
+        """How many images the call makes, from its arguments (prompts x ``num_images_per_prompt``);
+        None when they do not tell (``injecting()`` without ``call_kwargs``)."""
+        return self.adapter.images_of_call(self.call.kwargs)

@@ -185,38 +185,53 @@ class _PerThreadContext(StateManager):
 
 
 class _BranchHook(ModelHook):
-    """Reads diffusers' cache context ("cond"/"uncond") at every denoiser call."""
+    """Sets ``call.layout`` (and ``call.branch``) at every denoiser call, from that call alone."""
 
     _is_stateful = True  # so that ``transformer.cache_context`` hands this hook its context
 
-    def __init__(self, call: CallState, pipe: Any, batched_cfg: bool):
+    def __init__(self, call: CallState, adapter: Any, images: int | None):
         super().__init__()
         self.call = call
-        self.pipe = pipe
-        self.batched_cfg = batched_cfg
+        self.adapter = adapter
+        self.images = images
         self.state_manager = _PerThreadContext()
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         if not self.call.active:
             return args, kwargs
         context = self.state_manager.current
-        batch = _call_batch(args, kwargs)
-        if self.batched_cfg and getattr(self.pipe, "do_classifier_free_guidance", False):
-            self.call.branch = "batched"
-            self.call.extras["saw_uncond"] = True
-            half = batch // 2
-            self.call.layout = BatchLayout((("uncond", slice(0, half)), ("cond", slice(half, batch))), batch)
-        else:
-            self.call.branch = "uncond" if context is not None and context.name == "uncond" else "cond"
-            self.call.layout = BatchLayout.single(self.call.branch, batch)
+        name = context.name if context is not None else None
+        layout = denoiser_layout(self.adapter, self.call, self.images, name, args, kwargs)
+        self.call.layout = layout
+        self.call.branch = layout.whole or "batched"  # type: ignore[assignment]
         self.call.denoiser_calls += 1
-        if self.call.branch == "uncond":
+        if layout.rows_of("uncond") is not None:
             self.call.extras["saw_uncond"] = True
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
+
+
+def denoiser_layout(
+    adapter: Any, call: CallState, images: int | None, context: str | None, args: tuple, kwargs: dict
+) -> BatchLayout:
+    """The rows per branch of one denoiser call: ``call.fixed_layout`` when the caller set one, else
+    what the adapter makes of this call's batch, the call's image count and the cache-context name.
+
+    Denoiser hooks registered after the tracker run their ``pre_forward`` before it (diffusers wraps
+    later hooks outside earlier ones), so such a hook computes the layout with this same function
+    instead of reading ``call.layout``."""
+    batch = _call_batch(args, kwargs)
+    fixed = call.fixed_layout
+    if fixed is not None:
+        if fixed.batch != batch:
+            raise ValueError(
+                f"call.fixed_layout covers a batch of {fixed.batch}, the denoiser call has {batch} rows"
+            )
+        return fixed
+    return adapter.batch_layout(batch, images, context, kwargs)
 
 
 def _call_batch(args: tuple, kwargs: dict[str, Any]) -> int:
@@ -230,7 +245,7 @@ def _call_batch(args: tuple, kwargs: dict[str, Any]) -> int:
 
 
 class BranchTracker(Injection):
-    """Keeps ``call.branch`` equal to the CFG branch the denoiser is computing."""
+    """Keeps ``call.layout``/``call.branch`` equal to the rows per CFG branch of each denoiser call."""
 
     def __init__(self, adapter: Any, call: CallState):
         self.adapter = adapter
@@ -238,7 +253,11 @@ class BranchTracker(Injection):
         self.hooks = HookSet()
 
     def apply(self) -> None:
-        hook = _BranchHook(self.call, self.adapter.pipe, self.adapter.cfg_style == "batched")
+        # The image count comes from the pipeline call's own arguments. Direct calls (``injecting()``)
+        # have no pipeline deciding their rows: without an image count each is one branch as a whole.
+        images = None if self.call.direct else self.adapter.images_of_call(self.call.kwargs)
+        self.call.layout = None
+        hook = _BranchHook(self.call, self.adapter, images)
         self.hooks.add(self.adapter.denoiser, hook, unique_hook_name("branch"))
 
     def remove(self) -> None:

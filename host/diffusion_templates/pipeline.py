@@ -295,7 +295,8 @@ class TemplatePipeline:
         ``with pipe.injecting(templates=[...]) as call: pipe.transformer(...)``: the same steps 1-4
         and guarantees as ``__call__`` (validated before anything is patched; the denoiser lock held;
         every change undone exactly on exit, also on exceptions), but no pipeline call. A denoiser call
-        outside ``transformer.cache_context("uncond")`` counts as the conditional branch. Tensors of
+        outside ``transformer.cache_context("uncond")`` counts as the conditional branch (or as the
+        yielded ``call.fixed_layout`` says, e.g. ``BatchLayout.cfg(n)``). Tensors of
         ready :class:`TemplateCache` objects keep their autograd graph, so a loss computed in the block
         back-propagates into whatever produced them; call ``backward()`` inside the block (gradient
         checkpointing recomputes the forward then, and the injection must still be there).
@@ -303,7 +304,7 @@ class TemplatePipeline:
         Carriers that act through the pipeline's own arguments or step callbacks (embedding,
         latent_mask, init_latents, guidance, residual) need ``__call__`` and are refused here.
         """
-        call = CallState(kwargs=dict(call_kwargs or {}))
+        call = CallState(kwargs=dict(call_kwargs or {}), direct=True)
         with denoiser_lock(self.adapter.denoiser):
             injections = self.prepare(templates or (), negative_templates or (), call)
             for injection in injections:

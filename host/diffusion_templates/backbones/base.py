@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import torch
+
+from ..context import BatchLayout
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,40 @@ class BackboneAdapter:
 
     def attention_layers_of(self, denoiser: torch.nn.Module) -> dict[str, AttentionLayer]:
         raise NotImplementedError
+
+    # -- which rows of a denoiser call are which CFG branch ----------------------------------------------
+    def images_of_call(self, kwargs: Mapping[str, Any]) -> int | None:
+        """Images a pipeline call makes: prompts (a string, a list, or ``prompt_embeds`` rows) times
+        ``num_images_per_prompt``; None when the arguments name no prompt."""
+        prompt = kwargs.get("prompt")
+        if isinstance(prompt, str):
+            prompts = 1
+        elif isinstance(prompt, (list, tuple)):
+            prompts = len(prompt)
+        elif isinstance(kwargs.get("prompt_embeds"), torch.Tensor):
+            prompts = int(kwargs["prompt_embeds"].shape[0])
+        else:
+            return None
+        return prompts * int(kwargs.get("num_images_per_prompt") or 1)
+
+    def batch_layout(
+        self, batch: int, images: int | None, context: str | None, inputs: Mapping[str, Any]
+    ) -> BatchLayout:
+        """The rows per CFG branch of one denoiser call, from that call alone.
+
+        ``batch``: the call's batch; ``images``: the pipeline call's image count (None if unknown);
+        ``context``: the name of the diffusers cache context the call runs in (None outside one);
+        ``inputs``: the denoiser call's keyword arguments. Sequential CFG (``cfg_style``
+        ``"sequential"``): the pipeline names the branch with ``cache_context("cond"/"uncond")``.
+        Batched CFG (``"batched"``): a call of twice the image count outside a cache context is
+        ``[uncond, cond]``. Anything else is conditional as a whole (pipelines without CFG, direct
+        calls in ``injecting()``), except inside ``cache_context("uncond")``.
+        """
+        if context == "uncond":
+            return BatchLayout.single("uncond", batch)
+        if context is None and self.cfg_style == "batched" and images and batch == 2 * images:
+            return BatchLayout.cfg(images)
+        return BatchLayout.single("cond", batch)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

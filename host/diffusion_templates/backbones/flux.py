@@ -254,6 +254,14 @@ class FluxAdapter(BackboneAdapter):
             return (3, int(height) // 16 * 16, int(width) // 16 * 16)
         return ((int(height) // 16) * (int(width) // 16), controlnet.config.in_channels)
 
+    def preprocess_control_image(self, image, *, height: int, width: int):
+        """FluxControlNetPipeline.prepare_image's image processor step: pixels in [-1, 1], float32."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=self.pipe.vae_scale_factor * 2).preprocess(
+            image, height=height, width=width
+        )
+
     def prepare_control_image(
         self, image, *, controlnet, height: int, width: int, generator=None, batch_size: int = 1,
         do_classifier_free_guidance: bool = False, guess_mode: bool = False,
@@ -261,14 +269,12 @@ class FluxAdapter(BackboneAdapter):
         """FluxControlNetPipeline: preprocess; for InstantX ControlNets VAE-encode (sampled with
         ``generator``), ``(x - shift) * scale`` and pack 2x2. CFG never doubles it (sequential CFG)."""
         import torch
-        from diffusers.image_processor import VaeImageProcessor
         from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
 
         pipe = self.pipe
         with torch.no_grad():
             if not isinstance(image, torch.Tensor):
-                processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
-                image = processor.preprocess(image, height=height, width=width)
+                image = self.preprocess_control_image(image, height=height, width=width)
             image = image.repeat_interleave(batch_size if image.shape[0] == 1 else 1, dim=0)
             image = image.to(device=self.device, dtype=pipe.vae.dtype)
             if controlnet.input_hint_block is not None:
@@ -279,7 +285,7 @@ class FluxAdapter(BackboneAdapter):
             channels = self.denoiser.config.in_channels // 4
             return pipe._pack_latents(latents, batch, channels, rows, cols)
 
-    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry):
+    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry, layout=None):
         """One FluxControlNetPipeline ControlNet call, on the transformer call's own inputs."""
         import torch
 

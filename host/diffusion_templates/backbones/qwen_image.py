@@ -241,6 +241,13 @@ class QwenImageAdapter(BackboneAdapter):
         channels = config.in_channels + config.extra_condition_channels
         return ((int(height) // 16) * (int(width) // 16), channels)
 
+    def preprocess_control_image(self, image, *, height: int, width: int):
+        """QwenImageControlNetPipeline.prepare_image's image processor step: [-1, 1], float32."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        factor = 2 ** len(self.pipe.vae.temperal_downsample) * 2
+        return VaeImageProcessor(vae_scale_factor=factor).preprocess(image, height=height, width=width)
+
     def prepare_control_image(
         self, image, *, controlnet, height: int, width: int, generator=None, batch_size: int = 1,
         do_classifier_free_guidance: bool = False, guess_mode: bool = False,
@@ -248,14 +255,12 @@ class QwenImageAdapter(BackboneAdapter):
         """QwenImageControlNetPipeline: preprocess, VAE-encode as one frame (sampled with
         ``generator``), normalise with latents_mean/std, pack 2x2. Never doubled for CFG."""
         import torch
-        from diffusers.image_processor import VaeImageProcessor
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet import retrieve_latents
 
         pipe, vae = self.pipe, self.pipe.vae
         with torch.no_grad():
             if not isinstance(image, torch.Tensor):
-                processor = VaeImageProcessor(vae_scale_factor=2 ** len(vae.temperal_downsample) * 2)
-                image = processor.preprocess(image, height=height, width=width)
+                image = self.preprocess_control_image(image, height=height, width=width)
             image = image.repeat_interleave(batch_size if image.shape[0] == 1 else 1, dim=0)
             image = image.to(device=self.device, dtype=vae.dtype)
             if image.ndim == 4:
@@ -274,7 +279,7 @@ class QwenImageAdapter(BackboneAdapter):
             )
             return packed.to(dtype=self.dtype, device=self.device)
 
-    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry):
+    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry, layout=None):
         """One QwenImageControlNetPipeline ControlNet call, on the transformer call's own inputs."""
         from ..carriers.residual import fit_batch
 

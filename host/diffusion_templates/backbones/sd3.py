@@ -3,11 +3,16 @@
 Layers: ``joint_<i>`` for ``transformer_blocks[i].attn`` (joint text+image attention) and
 ``joint_<i>_attn2`` for the extra image self-attention of SD3.5 dual-attention blocks. The
 processors call ``F.scaled_dot_product_attention`` directly (no RoPE). CFG is batched: the
-denoiser sees ``[uncond, cond]`` in one call.
+denoiser sees ``[uncond, cond]`` in one call. With ``skip_guidance_layers`` the pipeline makes one more
+call per step, on the conditional inputs only, with ``skip_layers`` set: its rows are conditional.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from ..context import BatchLayout
 from .base import AttentionLayer, BackboneAdapter, legacy_attention
 
 
@@ -27,6 +32,16 @@ class SD3Adapter(BackboneAdapter):
                 name = f"joint_{i}_attn2"
                 layers[name] = legacy_attention(name, f"transformer_blocks.{i}.attn2", block.attn2)
         return layers
+
+    def batch_layout(
+        self, batch: int, images: int | None, context: str | None, inputs: Mapping[str, Any]
+    ) -> BatchLayout:
+        """Batched ``[uncond, cond]``; the skip-layer guidance call (StableDiffusion3Pipeline with
+        ``skip_guidance_layers``: ``skip_layers`` passed, one row per image, the conditional prompt
+        embeddings) is a conditional prediction with layers left out."""
+        if inputs.get("skip_layers") is not None and context is None:
+            return BatchLayout.single("cond", batch, purpose="skip_layers")
+        return super().batch_layout(batch, images, context, inputs)
 
     # -- prompt embeddings (carrier "embedding") ------------------------------------------------------
     cfg_requirement = "guidance_scale > 1"
@@ -235,6 +250,14 @@ class SD3Adapter(BackboneAdapter):
         channels = config.in_channels + config.extra_conditioning_channels
         return (channels, int(height) // factor, int(width) // factor)
 
+    def preprocess_control_image(self, image, *, height: int, width: int):
+        """StableDiffusion3ControlNetPipeline.prepare_image's image processor step: [-1, 1], float32."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=self.pipe.vae_scale_factor).preprocess(
+            image, height=height, width=width
+        )
+
     def prepare_control_image(
         self, image, *, controlnet, height: int, width: int, generator=None, batch_size: int = 1,
         do_classifier_free_guidance: bool = False, guess_mode: bool = False,
@@ -244,14 +267,11 @@ class SD3Adapter(BackboneAdapter):
         ControlNets with ``force_zeros_for_pooled_projection``). diffusers samples with the global RNG
         (``generator=None``); pass a generator for a reproducible cache."""
         import torch
-        from diffusers.image_processor import VaeImageProcessor
 
         pipe = self.pipe
         with torch.no_grad():
             if not isinstance(image, torch.Tensor):
-                image = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor).preprocess(
-                    image, height=height, width=width
-                )
+                image = self.preprocess_control_image(image, height=height, width=width)
             image = image.repeat_interleave(batch_size if image.shape[0] == 1 else 1, dim=0)
             image = image.to(device=self.device, dtype=self.dtype)
             if do_classifier_free_guidance and not guess_mode:
@@ -260,7 +280,7 @@ class SD3Adapter(BackboneAdapter):
             latents = pipe.vae.encode(image).latent_dist.sample(generator)
             return (latents - shift) * pipe.vae.config.scaling_factor
 
-    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry):
+    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry, layout=None):
         """One StableDiffusion3ControlNetPipeline ControlNet call, on the (CFG-doubled) transformer inputs."""
         import torch
 

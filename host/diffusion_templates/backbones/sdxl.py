@@ -329,6 +329,16 @@ class SDXLAdapter(BackboneAdapter):
         return (controlnet.config.conditioning_channels, int(height) // factor * factor,
                 int(width) // factor * factor)
 
+    def preprocess_control_image(self, image, *, height: int, width: int):
+        """StableDiffusionXLControlNetPipeline.prepare_image's image processor step: RGB in [0, 1]."""
+        import torch
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(
+            vae_scale_factor=self.pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+        return processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+
     def prepare_control_image(
         self, image, *, controlnet, height: int, width: int, generator=None, batch_size: int = 1,
         do_classifier_free_guidance: bool = False, guess_mode: bool = False,
@@ -336,44 +346,55 @@ class SDXLAdapter(BackboneAdapter):
         """StableDiffusionXLControlNetPipeline.prepare_image: RGB in [0, 1] at the call's size (no VAE).
         The carrier repeats a batch of 1 over the CFG batch itself, so leave CFG off here."""
         import torch
-        from diffusers.image_processor import VaeImageProcessor
 
-        processor = VaeImageProcessor(
-            vae_scale_factor=self.pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
-        )
-        image = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        if not isinstance(image, torch.Tensor):
+            image = self.preprocess_control_image(image, height=height, width=width)
         image = image.repeat_interleave(batch_size if image.shape[0] == 1 else 1, dim=0)
         image = image.to(device=self.device, dtype=controlnet.dtype)
         if do_classifier_free_guidance and not guess_mode:
             image = torch.cat([image] * 2)
         return image
 
-    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry):
+    def controlnet_residuals(self, controlnet, control, scale: float, inputs: dict, entry, layout=None):
         """One StableDiffusionXLControlNetPipeline ControlNet call on the UNet's (CFG-doubled) inputs;
-        in guess mode with CFG only the conditional half, the unconditional half gets zeros."""
+        in guess mode, when the call's ``layout`` splits it between branches, only the conditional
+        rows (the other rows get zeros)."""
         import torch
 
         from ..carriers.residual import fit_batch
 
         sample, text = inputs["sample"], inputs["encoder_hidden_states"]
+        control = fit_batch(control, sample.shape[0])
         added = inputs.get("added_cond_kwargs") or {}
         added = {k: v for k, v in added.items() if k in ("text_embeds", "time_ids")}
         guess = entry.guess_mode or controlnet.config.global_pool_conditions
-        halves = guess and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        if halves:
-            sample, text = sample.chunk(2)[1], text.chunk(2)[1]
-            added = {k: v.chunk(2)[1] for k, v in added.items()}
+        rows = layout.rows_of("cond") if guess and layout is not None and layout.whole is None else None
+        timestep = inputs["timestep"]
+        if rows is not None:
+            sample, text, control = sample[rows], text[rows], control[rows]
+            added = {k: v[rows] for k, v in added.items()}
+            if isinstance(timestep, torch.Tensor) and timestep.ndim and timestep.shape[0] == layout.batch:
+                timestep = timestep[rows]
         down, mid = controlnet(
             sample,
-            inputs["timestep"],
+            timestep,
             encoder_hidden_states=text,
-            controlnet_cond=fit_batch(control, sample.shape[0]),
+            controlnet_cond=control,
             conditioning_scale=scale,
             guess_mode=guess,
             added_cond_kwargs=added,
             return_dict=False,
         )
-        if halves:
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+        if rows is not None:
+            down = [_in_rows(d, rows, layout.batch) for d in down]
+            mid = _in_rows(mid, rows, layout.batch)
         return {"down": list(down), "mid": [mid]}, False
+
+
+def _in_rows(tensor, rows: slice, batch: int):
+    """``tensor`` (the conditional rows) placed at ``rows`` of a zero tensor of ``batch`` rows."""
+    import torch
+
+    out = torch.zeros((batch, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    out[rows] = tensor
+    return out

@@ -46,7 +46,7 @@ from diffusers.hooks import ModelHook
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..cache import TemplateCache
-from ..context import InjectionTarget
+from ..context import BatchLayout, InjectionTarget
 from ..errors import CacheError, UnsupportedError
 from ..injection import HookSet, Injection, unique_hook_name
 from ..latent_rgb import LatentRGBMap, latent_rgb_map
@@ -378,8 +378,7 @@ class GuidanceInjection(Injection):
         delta = self._delta
         if delta is None:
             return output
-        if prediction.shape[0] == 2 * delta.shape[0]:  # batched CFG: the same shift in both halves
-            delta = torch.cat([delta, delta])
+        delta = _per_row(self.target.call.layout, delta, prediction.shape[0])
         if prediction.shape[0] != delta.shape[0]:
             raise RuntimeError(
                 f"guidance: denoiser call with batch {prediction.shape[0]}, correction computed for "
@@ -397,11 +396,9 @@ class GuidanceInjection(Injection):
         self, sample: torch.Tensor, prediction: torch.Tensor, sigma: float, weights
     ) -> torch.Tensor:
         """The prediction shift (loop layout, conditional batch) for this step."""
-        pipe = self.target.pipe
-        batch = prediction.shape[0]
-        if self.target.adapter.cfg_style == "batched" and getattr(pipe, "do_classifier_free_guidance", False):
-            half = batch // 2  # [uncond, cond]: compute from the conditional half
-            sample, prediction = sample[half:], prediction[half:]
+        rows = _conditional_rows(self.target.call.layout)
+        if rows is not None:  # batched CFG: from the conditional rows (one per image)
+            sample, prediction = sample[rows], prediction[rows]
         height, width = self.size or (None, None)
         adapter = self.target.adapter
         x_t = self.param.sample(sample, sigma)
@@ -412,6 +409,23 @@ class GuidanceInjection(Injection):
                 target = torch.tensor(term.target, dtype=torch.float32)
                 dx0 += weight * gauss_newton_step(term.objective, target, self.rgb_map, x0)
         return adapter.repack_latents(self.param.prediction_shift(dx0, sigma), height, width)
+
+
+def _conditional_rows(layout: BatchLayout | None) -> slice | None:
+    """The rows of the step's first call to compute the correction from: its conditional rows when the
+    call is split between branches, None (every row) when it is one branch as a whole."""
+    if layout is None or layout.whole is not None:
+        return None
+    return layout.rows_of("cond")
+
+
+def _per_row(layout: BatchLayout | None, delta: torch.Tensor, batch: int) -> torch.Tensor:
+    """The correction (one row per image) for every row of a call: each branch's rows get it, so the
+    guided combination of the branches moves by exactly ``delta``."""
+    if layout is None or layout.whole is not None or batch == delta.shape[0]:
+        return delta
+    parts = [delta for _, rows in layout.rows if (rows.stop - rows.start) == delta.shape[0]]
+    return torch.cat(parts) if len(parts) == len(layout.rows) else delta
 
 
 class _Inactive(Injection):

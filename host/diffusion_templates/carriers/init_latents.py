@@ -144,6 +144,18 @@ class LatentStart:
         height, width = self.call_size(kwargs)
         if self.init is not None and kwargs.get("latents") is not None:
             raise CacheError(f"{_who(self.init)} sets the starting latents; do not also pass latents=")
+        images = imaging.call_batch_size(kwargs)  # per-image pictures are counted in images, never CFG rows
+        for cache in (self.init, self.mask):
+            if cache is None:
+                continue
+            picture = cache.image if cache.image is not None else cache.latents
+            for what, tensor in (("picture", picture), ("mask", getattr(cache, "mask", None))):
+                if tensor is not None and images % tensor.shape[0]:
+                    raise CacheError(
+                        f"{_who(cache)}: its {what} has batch {tensor.shape[0]}, the call makes {images} "
+                        f"image(s); give 1 (it applies to every image), {images} (one per image) or a "
+                        f"divisor of {images} (repeated in turn)"
+                    )
         for cache in (self.init, self.mask):
             if cache is None:
                 continue

@@ -165,6 +165,14 @@ class KVCarrier(Carrier):
         for name, k in cache.keys.items():  # before any cast or copy: refuse absurd lengths up front
             if k.shape[1] > limit:
                 check_kv_tokens(cache.template, name, k.shape[1])
+        images = target.images  # per-image caches, counted in images (never CFG-doubled rows)
+        for name, k in cache.keys.items():
+            if images is not None and k.shape[0] not in (1, images):
+                raise CacheError(
+                    f"kv cache from template {cache.template!r}, layer {name!r}: batch {k.shape[0]}, the "
+                    f"call makes {images} image(s); give 1 (it applies to every image) or {images} "
+                    "(one per image)"
+                )
         layers = {}
         for name, k in cache.keys.items():
             layer = available[name]

@@ -15,7 +15,7 @@ deltas whatever module sets the LoRAs target.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +24,7 @@ from diffusers.hooks import ModelHook
 from pydantic import Field, model_validator
 
 from ..cache import TemplateCache
-from ..context import Branch, CallState, InjectionTarget
+from ..context import BatchLayout, Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
 from ..injection import HookSet, Injection, unique_hook_name
 from ..limits import check_lora_rank
@@ -122,18 +122,38 @@ class _LoraHook(ModelHook):
         result = self.fn_ref.original_forward(x, *args, **kwargs)
         if not self.call.active:  # another thread's call of the same modules
             return result
-        if self.call.branch == "batched":  # [uncond, cond] in one batch: add to our half only
-            n = x.shape[0] // 2
-            if self.branch == "cond":
-                return torch.cat([result[:n], result[n:] + self._delta(x[n:])])
-            return torch.cat([result[:n] + self._delta(x[:n]), result[n:]])
-        if self.call.branch != self.branch:
-            return result
-        return result + self._delta(x)
+        return add_to_branch_rows(self.call.layout, self.branch, x, result, self._delta)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         # Same order of operations as PEFT's unfused Linear: base + B(A(x)) * scaling.
         return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scaling
+
+
+def add_to_branch_rows(
+    layout: BatchLayout | None,
+    branch: str,
+    x: torch.Tensor,
+    result: torch.Tensor,
+    delta: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``result`` plus ``delta(x)`` on the rows ``layout`` gives to ``branch``, the other rows as they are.
+
+    No layout (a module run outside any denoiser call) counts as conditional as a whole, as a denoiser
+    call outside any cache context does.
+    """
+    if layout is None:
+        return result + delta(x) if branch == "cond" else result
+    if layout.whole is not None:
+        return result + delta(x) if layout.whole == branch else result
+    if layout.rows_of(branch) is None:
+        return result
+    if x.shape[0] != layout.batch:
+        raise RuntimeError(
+            f"lora: a layer input of batch {x.shape[0]} inside a denoiser call of batch {layout.batch}; "
+            "the CFG branch rows cannot be told apart"
+        )
+    parts = [result[rows] + delta(x[rows]) if name == branch else result[rows] for name, rows in layout.rows]
+    return torch.cat(parts)
 
 
 #: ``lora_fusion="auto"`` fuses from this many denoising steps on. Measured (``nox -s bench``, row 3,

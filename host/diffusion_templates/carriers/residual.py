@@ -4,10 +4,12 @@ Cache: a list of *entries*, each a source of residuals with its own ``conditioni
 window (``start``/``end``, fractions of the denoising, as diffusers' ``control_guidance_start/end``):
 
 * a ControlNet (an in-memory module, not saved, or ``controlnet``: a folder or hub id loaded with
-  ``from_pretrained``) with its prepared control conditioning in ``control[<entry>]`` (what
-  diffusers' ControlNet pipeline of that family feeds the ControlNet, e.g. packed VAE latents for
-  FLUX.1). ControlNet residuals depend on the step, so the ControlNet runs at every denoiser call,
-  on the denoiser's own inputs;
+  ``from_pretrained``) with its control in ``control[<entry>]``: either the prepared conditioning
+  (what diffusers' ControlNet pipeline of that family feeds the ControlNet, e.g. packed VAE latents
+  for FLUX.1), or, with ``prepare=True``, the control *image* (preprocessed pixels) that the carrier
+  prepares for each call with the adapter's ``prepare_control_image``, as diffusers does: one VAE
+  sample per image, and on SD3 per CFG half. ControlNet residuals depend on the step, so the
+  ControlNet runs at every denoiser call, on the denoiser's own inputs;
 * or static residuals ``residuals["<entry>/<group>/<k>"]`` (e.g. ``0/double/1``), fixed per-block
   tensors a template computed once. They are scaled like a ControlNet's output.
 
@@ -17,7 +19,9 @@ and passes it through the denoiser's native ControlNet kwargs (FLUX.1/Qwen-Image
 ``down_block_additional_residuals``/``mid_block_additional_residual``), exactly as diffusers'
 ControlNet pipelines do: with sequential CFG the ControlNets run once per step on the conditional
 inputs and the unconditional call reuses their residuals; with batched CFG they see the doubled
-batch (SDXL ``guess_mode``: the conditional half only, zeros for the other).
+batch (SDXL ``guess_mode``: the conditional half only, zeros for the other). The control reaches each
+row of a denoiser call by the call's ``BatchLayout``: a batch of 1 applies to every image, a batch
+of the call's image count gives one per image, in every branch.
 Merge: the entries of all caches, in order; at run time their residuals are summed per block, as
 diffusers' MultiControlNet sums its nets' outputs. Entries whose residual counts differ are mapped
 to the denoiser's blocks first (diffusers' block-interval rule), then summed per block.
@@ -28,9 +32,10 @@ Adapters opt in by listing ``"residual"`` in ``carriers`` and implementing the m
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -39,9 +44,9 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..cache import TemplateCache
-from ..context import InjectionTarget
+from ..context import BatchLayout, InjectionTarget
 from ..errors import CacheError, UnsupportedError
-from ..injection import HookSet, Injection, unique_hook_name
+from ..injection import HookSet, Injection, denoiser_layout, unique_hook_name
 from .base import Carrier, joined_template_names
 
 # --------------------------------------------------------------------------- adapter protocol
@@ -93,6 +98,9 @@ class ResidualAdapter(Protocol):
     def control_shape(self, controlnet: torch.nn.Module, height: int, width: int) -> tuple[int, ...]:
         """Per-sample shape of the prepared control conditioning for a ``height`` x ``width`` call."""
 
+    def preprocess_control_image(self, image: Any, *, height: int, width: int) -> torch.Tensor:
+        """The image processor step of diffusers' ControlNet pipeline: pixels (B, C, H, W), float32."""
+
     def prepare_control_image(self, image: Any, *, controlnet: torch.nn.Module, height: int, width: int,
                               generator: torch.Generator | None = None, batch_size: int = 1,
                               do_classifier_free_guidance: bool = False,
@@ -100,19 +108,24 @@ class ResidualAdapter(Protocol):
         """What diffusers' ControlNet pipeline does to its ``control_image`` before denoising."""
 
     def controlnet_residuals(self, controlnet: torch.nn.Module, control: torch.Tensor, scale: float,
-                             inputs: dict[str, Any], entry: ResidualEntry) -> tuple[Residuals, bool]:
-        """Run ``controlnet`` on the denoiser call's ``inputs``; the residuals and the repeat flag."""
+                             inputs: dict[str, Any], entry: ResidualEntry,
+                             layout: BatchLayout | None = None) -> tuple[Residuals, bool]:
+        """Run ``controlnet`` on the denoiser call's ``inputs`` (``control`` has the call's batch); the
+        residuals and the repeat flag. ``layout``: the call's rows per CFG branch."""
 
 
 def fit_batch(control: torch.Tensor, batch: int) -> torch.Tensor:
-    """A control conditioning of batch 1 expanded to ``batch``; one of batch ``batch`` as it is."""
+    """A control conditioning of batch 1 expanded to ``batch``; one of batch ``batch`` as it is.
+
+    The carrier hands adapters a control laid out for the call's rows already (``ResidualInjection``
+    maps it per CFG branch and refuses a wrong image count before denoising); this is a backstop."""
     if control.shape[0] == batch:
         return control
     if control.shape[0] == 1:
         return control.expand(batch, *control.shape[1:])
     raise CacheError(
-        f"residual cache: the control conditioning has batch {control.shape[0]}, the ControlNet call "
-        f"has batch {batch}; give batch 1 (applies to every image) or exactly {batch}"
+        f"residual cache: the control conditioning has {control.shape[0]} rows for a ControlNet call of "
+        f"{batch} rows"
     )
 
 
@@ -139,9 +152,21 @@ class ResidualEntry(BaseModel):
     """SDXL: the ControlNet sees only the conditional half of a CFG batch (diffusers' guess_mode)."""
     control_mode: int | None = None
     """FLUX.1 union ControlNets: the control type index (diffusers' ``control_mode``)."""
+    prepare: bool = False
+    """``control[<entry>]`` is the control image (pixels from the adapter's ``preprocess_control_image``,
+    batch 1 or one per image), prepared by the carrier for each call: the call's image count, its CFG,
+    one VAE sample per image (and per CFG half where diffusers draws one), as diffusers does."""
+    seed: int | None = None
+    """With ``prepare``: the seed of the VAE sample (a fresh generator per call); None with neither
+    ``seed`` nor ``generator``: the global RNG (what diffusers' SD3 ControlNet pipeline uses)."""
+    generator: Any = Field(default=None, exclude=True)
+    """With ``prepare``: a torch.Generator to sample with (e.g. the call's own, to draw in diffusers'
+    order: FLUX.1 and Qwen-Image sample the control with it before the initial noise); never saved."""
 
     @model_validator(mode="after")
     def _check(self) -> ResidualEntry:
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(self.generator).__name__}")
         if self.start >= self.end:
             raise ValueError(f"start ({self.start}) must be smaller than end ({self.end})")
         if self.module is not None and not isinstance(self.module, torch.nn.Module):
@@ -151,6 +176,12 @@ class ResidualEntry(BaseModel):
     @property
     def has_controlnet(self) -> bool:
         return self.module is not None or self.controlnet is not None
+
+    def sampler(self) -> torch.Generator | None:
+        """The generator of this call's VAE sample of a ``prepare`` entry (None: the global RNG)."""
+        if self.generator is not None:
+            return self.generator
+        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
     def keep(self, step: int, steps: int) -> float:
         """1.0 inside the step window, else 0.0: diffusers' ``controlnet_keep`` for step ``step``."""
@@ -271,7 +302,10 @@ class _Plan(NamedTuple):
     entry: ResidualEntry
     controlnet: torch.nn.Module | None
     control: torch.Tensor | None
+    """The cache's control (the prepared conditioning, or the image of a ``prepare`` entry)."""
     static: Residuals | None
+    rows: dict[str, torch.Tensor] | None = None
+    """The prepared control per CFG branch, each of batch 1 or one row per image."""
 
 
 class _Contribution(NamedTuple):
@@ -321,11 +355,14 @@ class ResidualInjection(Injection):
     #: Steps are counted with the pipeline's step-end callback (diffusers' loop index ``i``).
     step_tensor_inputs = ("latents",)
 
-    def __init__(self, plans: list[_Plan], template: str | None, target: InjectionTarget):
+    def __init__(
+        self, plans: list[_Plan], template: str | None, target: InjectionTarget, images: int | None = None
+    ):
         self.plans = plans
         self.template = template
         self.target = target
         self.adapter = target.adapter
+        self.images = images  # the call's image count, for the rows of each denoiser call
         self.hooks = HookSet()
         self.step = 0
         self._cond: tuple[int, list[_Contribution]] | None = None
@@ -363,6 +400,12 @@ class ResidualInjection(Injection):
 
     def call_kwargs(self, module: torch.nn.Module, args: tuple, kwargs: dict, uncond: bool) -> dict[str, Any]:
         inputs = _bind(module, args, kwargs)
+        # This hook runs before the BranchTracker's (diffusers runs later hooks first): the same layout
+        # function, on this call, instead of the previous call's ``call.layout``.
+        layout = denoiser_layout(
+            self.adapter, self.target.call, self.images, "uncond" if uncond else None, (), inputs
+        )
+        uncond = layout.whole == "uncond"
         if uncond and self._cond is not None and self._cond[0] == self.step:
             contributions = self._cond[1]  # diffusers runs the ControlNets once per step, on "cond"
         else:
@@ -373,10 +416,11 @@ class ResidualInjection(Injection):
                 if scale == 0:  # diffusers adds 0 * r: the same as adding nothing
                     continue
                 if plan.controlnet is not None:
+                    control = control_for_rows(plan.rows, layout)
                     contributions.append(
                         _Contribution(
                             *self.adapter.controlnet_residuals(
-                                plan.controlnet, plan.control, scale, inputs, plan.entry
+                                plan.controlnet, control, scale, inputs, plan.entry, layout
                             )
                         )
                     )
@@ -394,6 +438,52 @@ class ResidualInjection(Injection):
         return {**inputs, **self.adapter.residual_kwargs(residuals, repeat)}
 
 
+def control_for_rows(rows: dict[str, torch.Tensor], layout: BatchLayout) -> torch.Tensor:
+    """The control for every row of a denoiser call: each branch's rows get that branch's control
+    (batch 1 expanded, or one row per image); rows of another kind of call take the conditional one."""
+    parts = []
+    for branch, span in layout.rows:
+        control = rows.get(branch, rows["cond"])
+        parts.append(fit_batch(control, span.stop - span.start))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@contextlib.contextmanager
+def no_new_attributes(module: torch.nn.Module | None) -> Iterator[None]:
+    """Remove instance attributes that ``module``'s submodules gain inside the block: some VAEs
+    (Qwen-Image's) create their feature caches as attributes on first encode, and preparing a control
+    image must leave the pipeline's modules as it found them."""
+    if module is None:
+        yield
+        return
+    before = {name: set(sub.__dict__) for name, sub in module.named_modules()}
+    try:
+        yield
+    finally:
+        for name, sub in module.named_modules():
+            for attribute in set(sub.__dict__) - before.get(name, set(sub.__dict__)):
+                delattr(sub, attribute)
+
+
+def per_branch_control(
+    control: torch.Tensor, images: int | None, split_cfg: bool, where: str
+) -> dict[str, torch.Tensor]:
+    """A prepared control as one tensor per CFG branch, checked against the call's image count.
+
+    Batch 1 applies to every image, a batch of ``images`` gives one per image; with ``split_cfg``
+    (batched CFG running), a batch of ``2 * images`` is ``[uncond, cond]``, one sample per CFG half as
+    diffusers' SD3 ControlNet pipeline draws them. Anything else is refused, counted in images."""
+    batch = control.shape[0]
+    if images is not None and split_cfg and batch == 2 * images and batch != 1:
+        return {"uncond": control[:images], "cond": control[images:]}
+    if images is not None and batch not in (1, images):
+        raise CacheError(
+            f"{where}: the control has batch {batch}, the call makes {images} image(s); give 1 (it "
+            f"applies to every image) or {images} (one per image)"
+        )
+    return {"cond": control, "uncond": control}
+
+
 def check_sizes(plans: list[_Plan], template: str | None, target: InjectionTarget, kwargs: dict) -> None:
     """Raise CacheError when a control conditioning or static residual does not fit the call's size."""
     size = _call_size(target.pipe, target.adapter, kwargs)
@@ -402,7 +492,10 @@ def check_sizes(plans: list[_Plan], template: str | None, target: InjectionTarge
     height, width = size
     adapter = target.adapter
     for plan in plans:
-        if plan.controlnet is not None:
+        if plan.controlnet is not None and plan.entry.prepare:
+            channels = plan.control.shape[1] if plan.control.ndim == 4 else "C"
+            checks = [("control image", plan.control, (channels, height, width))]
+        elif plan.controlnet is not None:
             expected = adapter.control_shape(plan.controlnet, height, width)
             checks = [("control conditioning", plan.control, expected)]
         else:
@@ -512,6 +605,7 @@ class ResidualCarrier(Carrier):
                 "diffusers' ControlNet pipelines); pass it in `templates`"
             )
         slots = adapter.residual_slots()
+        images = target.images
         plans = []
         for i, entry in enumerate(cache.entries):
             where = f"residual cache from template {cache.template!r}, entry {i}"
@@ -523,7 +617,7 @@ class ResidualCarrier(Carrier):
                 if controlnet is None:
                     controlnet = self._load(entry.controlnet, adapter)
                 control = cache.control[str(i)]
-                plans.append(self._controlnet_plan(i, entry, controlnet, control, target, where))
+                plans.append(self._controlnet_plan(i, entry, controlnet, control, target, where, images))
             else:
                 static = cache.static_residuals(i)
                 _check_counts({g: len(rs) for g, rs in static.items()}, slots, adapter, where)
@@ -546,7 +640,40 @@ class ResidualCarrier(Carrier):
         call_kwargs = getattr(target.call, "kwargs", None)  # when the host passes the call's kwargs
         if isinstance(call_kwargs, dict):
             check_sizes(plans, cache.template, target, call_kwargs)
-        return ResidualInjection(plans, cache.template, target)
+        plans = [self._prepared(plan, target, images, call_kwargs or {}, cache.template) for plan in plans]
+        return ResidualInjection(plans, cache.template, target, images)
+
+    @staticmethod
+    def _prepared(
+        plan: _Plan, target: InjectionTarget, images: int | None, kwargs: dict, template: str | None
+    ) -> _Plan:
+        """The plan with its control per CFG branch for this call (a ``prepare`` entry's image prepared
+        as diffusers' ControlNet pipeline of the family prepares it, for the call's images and CFG)."""
+        if plan.controlnet is None:
+            return plan
+        adapter = target.adapter
+        where = f"residual cache from template {template!r}, entry {plan.index}"
+        cfg = bool(adapter.cfg_active(kwargs)) if kwargs else False
+        split_cfg = adapter.cfg_style == "batched" and cfg
+        control = plan.control
+        if not plan.entry.prepare:
+            return plan._replace(rows=per_branch_control(control, images, split_cfg, where))
+        per_image = per_branch_control(control, images, False, where)["cond"]  # checks the image count
+        size = _call_size(target.pipe, adapter, kwargs) or tuple(control.shape[-2:])
+        with torch.no_grad(), no_new_attributes(getattr(target.pipe, "vae", None)):
+            prepared = adapter.prepare_control_image(
+                per_image,
+                controlnet=plan.controlnet,
+                height=size[0],
+                width=size[1],
+                generator=plan.entry.sampler(),
+                batch_size=images or per_image.shape[0],
+                do_classifier_free_guidance=cfg,
+                guess_mode=plan.entry.guess_mode,
+            )
+        param = next(plan.controlnet.parameters())
+        prepared = prepared.to(device=param.device, dtype=param.dtype)
+        return plan._replace(rows=per_branch_control(prepared, images or per_image.shape[0], cfg, where))
 
     def _controlnet_plan(
         self,
@@ -556,6 +683,7 @@ class ResidualCarrier(Carrier):
         control: torch.Tensor,
         target: InjectionTarget,
         where: str,
+        images: int | None = None,
     ) -> _Plan:
         adapter = target.adapter
         classes = {k.__name__ for k in type(controlnet).__mro__}
@@ -575,6 +703,8 @@ class ResidualCarrier(Carrier):
                 f"{where}: the ControlNet is on {param.device}, the denoiser on {adapter.device}; "
                 "move it there"
             )
+        if entry.prepare:  # an image: the adapter casts it as diffusers does when preparing it
+            return _Plan(index, entry, controlnet, control.to(device=param.device), None)
         return _Plan(index, entry, controlnet, control.to(device=param.device, dtype=param.dtype), None)
 
     def _load(self, path: str, adapter: Any) -> torch.nn.Module:

@@ -165,16 +165,17 @@ class DepthInputs(TemplateInputs):
     )
     generator: int | torch.Generator | None = Field(
         0,
-        description="Randomness of the VAE sample of the control image (FLUX.1, SD3, Qwen-Image): a seed "
-        "(default 0, reproducible), a torch.Generator (pass the call's own to reproduce diffusers' FLUX.1 / "
-        "Qwen-Image ControlNet pipelines exactly: they sample with it before drawing the noise), or None "
-        "for the global RNG (what diffusers' SD3 ControlNet pipeline uses).",
+        description="Randomness of the VAE sample of the control image (FLUX.1, SD3, Qwen-Image), drawn at "
+        "every call, one sample per image: a seed (default 0, reproducible), a torch.Generator (pass the "
+        "call's own to reproduce diffusers' FLUX.1 / Qwen-Image ControlNet pipelines exactly: they sample "
+        "with it before drawing the noise), or None for the global RNG (what diffusers' SD3 ControlNet "
+        "pipeline uses).",
     )
     cfg_samples: bool = Field(
         False,
-        description="SD3 only: draw one VAE sample per classifier-free-guidance half, as "
-        "StableDiffusion3ControlNetPipeline does when guidance_scale > 1. Set it only for calls that run "
-        "CFG (the control then has batch 2).",
+        description="SD3 only, kept for old specs: the control is now prepared for each call, with one VAE "
+        "sample per image and per classifier-free-guidance half whenever the call runs CFG, as "
+        "StableDiffusion3ControlNetPipeline does; this flag changes nothing.",
     )
     guess_mode: bool = Field(
         False, description="SDXL only: diffusers' guess_mode (the ControlNet sees the conditional half only)."

@@ -1,11 +1,13 @@
 """The ``depth`` template: a depth map drives a diffusers ControlNet through the ``residual`` carrier.
 
 ``encode`` is the Template model's forward: it turns the control image into the depth map (running a
-local transformers depth-estimation model first when ``depth_model`` is given), then prepares it
-exactly as the backbone's diffusers ControlNet pipeline prepares its ``control_image`` (the adapter's
-``prepare_control_image``: image processor, VAE encoding and packing where the family needs them).
-``to_cache`` types that as a :class:`ResidualCache` entry with the ControlNet, its scale and its step
-window; the carrier runs the ControlNet at every denoiser call and adds its residuals.
+local transformers depth-estimation model first when ``depth_model`` is given) and runs the image
+processor step of the backbone's diffusers ControlNet pipeline (the adapter's
+``preprocess_control_image``). ``to_cache`` types that as a :class:`ResidualCache` entry with
+``prepare=True``, the ControlNet, its scale and its step window. The rest of diffusers' preparation
+depends on the call (one VAE sample per image, and on SD3 per CFG half), so the residual carrier does
+it for each call with the adapter's ``prepare_control_image``; it then runs the ControlNet at every
+denoiser call and adds its residuals.
 
 Backbones: FLUX.1, SD3/3.5, Qwen-Image and SDXL, the families whose diffusers denoiser takes ControlNet
 residuals. FLUX.2 is refused: diffusers' Flux2Transformer2DModel takes no ControlNet residuals and there
@@ -14,9 +16,7 @@ is no FLUX.2 ControlNet or ControlNet pipeline.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -45,25 +45,6 @@ def demo_inputs(base_image: Image.Image) -> dict[str, Any]:
         "control_image": base_image.convert("L"),
         "controlnet": os.environ.get("DT_DEPTH_CONTROLNET", "diffusers/controlnet-depth-sdxl-1.0"),
     }
-
-
-@contextlib.contextmanager
-def _no_new_attributes(module: torch.nn.Module | None) -> Iterator[None]:
-    """Remove instance attributes that ``module``'s submodules gain inside the block.
-
-    Some VAEs (Qwen-Image's) create their feature caches as attributes on first encode; the template's
-    encoding must not leave the pipeline's modules different from how it found them.
-    """
-    if module is None:
-        yield
-        return
-    before = {name: set(sub.__dict__) for name, sub in module.named_modules()}
-    try:
-        yield
-    finally:
-        for name, sub in module.named_modules():
-            for attribute in set(sub.__dict__) - before.get(name, set(sub.__dict__)):
-                delattr(sub, attribute)
 
 
 class DepthTemplate(Template):
@@ -178,21 +159,9 @@ class DepthTemplate(Template):
             raise TemplateError(f"template {name!r}, controlnet {inputs.controlnet!r}: {exc}") from None
         picture = self.depth_map(inputs, context)
         height, width = self.size(inputs, picture, context)
-        generator = inputs.generator
-        if isinstance(generator, int) and not isinstance(generator, bool):
-            generator = torch.Generator().manual_seed(generator)
         if isinstance(picture, np.ndarray):
             picture = picture[None]  # (1, H, W, 3): what diffusers' image processors take
-        with torch.no_grad(), _no_new_attributes(getattr(context.pipe, "vae", None)):
-            control = adapter.prepare_control_image(
-                picture,
-                controlnet=controlnet,
-                height=height,
-                width=width,
-                generator=generator,
-                do_classifier_free_guidance=inputs.cfg_samples,
-                guess_mode=inputs.guess_mode,
-            )
+        control = adapter.preprocess_control_image(picture, height=height, width=width)
         return {"control": control, "entry": entry}
 
     def to_cache(self, representation: dict[str, Any], context: EncodeContext) -> ResidualCache:
@@ -206,6 +175,8 @@ class DepthTemplate(Template):
     def _entry(inputs: DepthInputs, controlnet: torch.nn.Module) -> ResidualEntry:
         # Both the source (saved with the cache, reloaded by the carrier) and the loaded module (so that the
         # carrier does not load it a second time in this process).
+        generator = inputs.generator
+        seeded = isinstance(generator, int) and not isinstance(generator, bool)
         return ResidualEntry(
             controlnet=inputs.controlnet,
             module=controlnet,
@@ -214,4 +185,7 @@ class DepthTemplate(Template):
             end=inputs.end,
             guess_mode=inputs.guess_mode,
             control_mode=inputs.control_mode,
+            prepare=True,  # per call: one VAE sample per image (and per CFG half on SD3), as diffusers
+            seed=generator if seeded else None,
+            generator=None if seeded else generator,
         )
