@@ -42,6 +42,7 @@ from ..cache import TemplateCache
 from ..context import InjectionTarget
 from ..errors import CacheError, UnsupportedError
 from ..injection import HookSet, Injection, unique_hook_name
+from ..limits import check_magnitudes, check_number, max_conditioning_scale, max_residual_magnitude
 from .base import Carrier, joined_template_names
 
 # --------------------------------------------------------------------------- adapter protocol
@@ -205,6 +206,16 @@ class ResidualCache(TemplateCache):
                         f"must be 0..{len(indices) - 1}"
                     )
         return self
+
+    def check_values(self) -> None:
+        """Each entry's |conditioning_scale| at most ``DT_MAX_CONDITIONING_SCALE``; control inputs and
+        static residuals finite, |value| at most ``DT_MAX_RESIDUAL_MAGNITUDE``."""
+        who = self.describe()
+        limit = max_conditioning_scale()
+        for i, entry in enumerate(self.entries):
+            scale = entry.conditioning_scale
+            check_number(who, f"entry {i} conditioning_scale", scale, limit, "DT_MAX_CONDITIONING_SCALE")
+        check_magnitudes(who, self.flat_tensors(), max_residual_magnitude(), "DT_MAX_RESIDUAL_MAGNITUDE")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
