@@ -96,7 +96,7 @@ class TemplateCache(BaseModel):
         before: each tensor is measured once per version (:func:`limits.value_ranges`).
         """
         floating = {k: t for k, t in self.flat_tensors().items() if t.is_floating_point()}
-        limits.check_finite(self.describe(), floating)
+        limits.check_finite(self.describe, floating)
 
     @property
     def nbytes(self) -> int:

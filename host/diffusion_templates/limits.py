@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import CacheError
 
@@ -156,10 +156,11 @@ def check_lora_rank(template: str | None, module: str, rank: int) -> None:
 
 
 # -- values --------------------------------------------------------------------------------------------
-# tensor -> (version counter, min, max). Keyed by tensor identity (a plain WeakKeyDictionary would
-# compare tensors with ==), so the copies the store hands out, which share their tensors, are measured
-# once; an in-place change bumps the version and is measured again. Entries go when their tensor does.
-_RANGES = WeakIdKeyDictionary()
+# id(tensor) -> (weak reference, version counter, min, max). By identity, so the copies the store hands
+# out, which share their tensors, are measured once; an in-place change bumps the version and is
+# measured again. The reference's callback drops the entry when the tensor goes (before its id can be
+# reused). A plain dict: torch's WeakIdKeyDictionary costs ~10x more per lookup, on every call.
+_RANGES: dict[int, tuple[weakref.ref, int, float, float]] = {}
 _NO_VERSION = -1  # inference tensors keep no version counter (and cannot change outside inference mode)
 
 
@@ -170,22 +171,28 @@ def _version(tensor: torch.Tensor) -> int:
         return _NO_VERSION
 
 
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    return lambda _ref: _RANGES.pop(key, None)
+
+
 def value_ranges(tensors: list[torch.Tensor]) -> list[tuple[float, float]]:
     """(min, max) of each floating tensor (NaN when it holds a NaN; ±inf for infinities).
 
-    One fused ``aminmax`` per tensor not measured before, and one device-to-host copy per device for
-    all of them. Empty tensors give (0, 0).
+    One fused ``aminmax`` per tensor not measured before (or changed in place since), and one
+    device-to-host copy per device for all of them. Empty tensors give (0, 0).
     """
     out: list[tuple[float, float] | None] = [None] * len(tensors)
     pending: dict[torch.device, list[int]] = {}
     for i, tensor in enumerate(tensors):
-        known = _RANGES.get(tensor)
-        if known is not None and known[0] == _version(tensor):
-            out[i] = known[1:]
+        known = _RANGES.get(id(tensor))
+        if known is not None and known[0]() is tensor and known[1] == _version(tensor):
+            out[i] = known[2:]
         elif tensor.numel() == 0:
             out[i] = (0.0, 0.0)
         else:
             pending.setdefault(tensor.device, []).append(i)
+    if not pending:  # the usual case for caches seen before: no grad mode to enter (tens of µs)
+        return out  # type: ignore[return-value]
     with torch.no_grad():
         for indices in pending.values():
             stats = []
@@ -195,8 +202,10 @@ def value_ranges(tensors: list[torch.Tensor]) -> list[tuple[float, float]]:
                     tensor = tensor.float()
                 stats.append(torch.stack(torch.aminmax(tensor)).float())
             for i, (low, high) in zip(indices, torch.stack(stats).tolist(), strict=True):
+                tensor = tensors[i]
                 out[i] = (low, high)
-                _RANGES[tensors[i]] = (_version(tensors[i]), low, high)
+                key = id(tensor)
+                _RANGES[key] = (weakref.ref(tensor, _forget(key)), _version(tensor), low, high)
     return out  # type: ignore[return-value]
 
 
@@ -204,53 +213,108 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
+#: A cache's tensors as its fields hold them: a tensor, or a dict of tensors (named ``field/key``).
+Fields = Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]]
+#: Who is checked, for the error: a string, or a function making it (called on the error path only).
+Who = str | Callable[[], str]
+
+
+def _flatten(fields: Fields) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            flat[name] = value
+        else:
+            flat.update({f"{name}/{key}": tensor for key, tensor in value.items()})
+    return flat
+
+
+def _seen_within(fields: Fields, low: float, high: float, scales: Mapping[str, Mapping[str, float]]) -> bool:
+    """Whether every tensor was measured before, unchanged since, and lay within [low, high] (times its
+    scale): the path of every call with caches the store or the user reuse, with no reduction and no
+    allocation. ``False`` means "measure and report", not "bad"."""
+    get = _RANGES.get
+    try:
+        for name, value in fields.items():
+            items = ((None, value),) if isinstance(value, torch.Tensor) else value.items()
+            factors = scales.get(name)
+            for key, tensor in items:
+                known = get(id(tensor))
+                if known is None or known[0]() is not tensor or known[1] != tensor._version:
+                    return False
+                factor = 1.0 if factors is None else abs(factors.get(key, 1.0))
+                if not (low <= known[2] * factor and known[3] * factor <= high):  # False for NaN too
+                    return False
+    except RuntimeError:  # an inference tensor has no version counter: measured the long way
+        return False
+    return True
+
+
+def _name(who: Who) -> str:
+    return who if isinstance(who, str) else who()
+
+
 def check_magnitudes(
-    who: str,
-    tensors: Mapping[str, torch.Tensor],
+    who: Who,
+    fields: Fields,
     limit: float,
     setting: str,
     *,
-    scales: Mapping[str, float] | None = None,
+    scales: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
-    """Every tensor finite with |value| (times ``scales[name]`` where given) at most ``limit``.
+    """Every tensor of ``fields`` finite with |value| at most ``limit``; a tensor of a dict field
+    ``f`` is first multiplied by ``scales[f][key]`` where given (a LoRA's up factor by its scaling).
 
     ``who`` names the cache and template (``"kv cache from template 'x'"``); the error names the
-    tensor, its largest |value|, the limit and ``setting``, the variable that raises it.
+    tensor (``field/key``), its largest |value|, the limit and ``setting``, the variable that raises it.
     """
     scales = scales or {}
-    names = list(tensors)
-    for name, (low, high) in zip(names, value_ranges([tensors[n] for n in names]), strict=True):
+    if _seen_within(fields, -limit, limit, scales):
+        return
+    tensors = _flatten(fields)
+    for name, (low, high) in zip(tensors, value_ranges(list(tensors.values())), strict=True):
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise CacheError(f"{who}: tensor {name!r} holds NaN or infinite values; values must be finite")
-        magnitude = max(-low, high) * abs(scales.get(name, 1.0))
-        if not magnitude <= limit:  # also a NaN scale
-            scaled = " (times its scaling)" if name in scales else ""
             raise CacheError(
-                f"{who}: tensor {name!r} reaches |value| {_fmt(magnitude)}{scaled}, more than the limit of "
-                f"{_fmt(limit)} ({setting})"
+                f"{_name(who)}: tensor {name!r} holds NaN or infinite values; values must be finite"
+            )
+        field, _, key = name.partition("/")
+        factor = scales.get(field, {}).get(key) if key else None
+        magnitude = max(-low, high) * (1.0 if factor is None else abs(factor))
+        if not magnitude <= limit:  # also a NaN scale
+            scaled = " (times its scaling)" if factor is not None else ""
+            raise CacheError(
+                f"{_name(who)}: tensor {name!r} reaches |value| {_fmt(magnitude)}{scaled}, more than the "
+                f"limit of {_fmt(limit)} ({setting})"
             )
 
 
-def check_finite(who: str, tensors: Mapping[str, torch.Tensor]) -> None:
+def check_finite(who: Who, fields: Fields) -> None:
     """Every tensor finite (no NaN, no infinity), without a magnitude bound."""
-    check_magnitudes(who, tensors, math.inf, "")
+    check_magnitudes(who, fields, math.inf, "")
 
 
-def check_unit_range(who: str, tensors: Mapping[str, torch.Tensor]) -> None:
+def check_unit_range(who: Who, fields: Fields) -> None:
     """Every tensor finite and within [0, 1] (masks, images)."""
-    names = list(tensors)
-    for name, (low, high) in zip(names, value_ranges([tensors[n] for n in names]), strict=True):
+    if _seen_within(fields, 0.0, 1.0, {}):
+        return
+    tensors = _flatten(fields)
+    for name, (low, high) in zip(tensors, value_ranges(list(tensors.values())), strict=True):
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise CacheError(f"{who}: tensor {name!r} holds NaN or infinite values; values must be finite")
+            raise CacheError(
+                f"{_name(who)}: tensor {name!r} holds NaN or infinite values; values must be finite"
+            )
         if low < 0.0 or high > 1.0:
             raise CacheError(
-                f"{who}: tensor {name!r} ranges over [{_fmt(low)}, {_fmt(high)}], outside the bound [0, 1]"
+                f"{_name(who)}: tensor {name!r} ranges over [{_fmt(low)}, {_fmt(high)}], outside the "
+                "bound [0, 1]"
             )
 
 
-def check_number(who: str, field: str, value: float, limit: float, setting: str) -> None:
+def check_number(who: Who, field: str, value: float, limit: float, setting: str) -> None:
     """A finite number with |value| at most ``limit``."""
     if not math.isfinite(value):
-        raise CacheError(f"{who}: {field} is {value!r}; it must be finite")
+        raise CacheError(f"{_name(who)}: {field} is {value!r}; it must be finite")
     if abs(value) > limit:
-        raise CacheError(f"{who}: {field} is {_fmt(value)}, more than the limit of {_fmt(limit)} ({setting})")
+        raise CacheError(
+            f"{_name(who)}: {field} is {_fmt(value)}, more than the limit of {_fmt(limit)} ({setting})"
+        )

@@ -74,9 +74,9 @@ class EmbeddingCache(TemplateCache):
 
     def check_values(self) -> None:
         """tokens, delta and pooled_delta finite, |value| at most ``DT_MAX_EMBEDDING_MAGNITUDE``."""
-        check_magnitudes(
-            self.describe(), self.flat_tensors(), max_embedding_magnitude(), "DT_MAX_EMBEDDING_MAGNITUDE"
-        )
+        candidates = {"tokens": self.tokens, "delta": self.delta, "pooled_delta": self.pooled_delta}
+        fields = {name: value for name, value in candidates.items() if value is not None}
+        check_magnitudes(self.describe, fields, max_embedding_magnitude(), "DT_MAX_EMBEDDING_MAGNITUDE")
 
 
 def _batch(tensors: list[torch.Tensor], what: str) -> int:

@@ -199,7 +199,7 @@ class GuidanceCache(TemplateCache):
         """Each term's strength, and strength x its largest step weight, at most
         ``DT_MAX_GUIDANCE_STRENGTH`` (finiteness and targets are the terms' own validation)."""
         limit, setting = max_guidance_strength(), "DT_MAX_GUIDANCE_STRENGTH"
-        who = self.describe()
+        who = self.describe
         for i, term in enumerate(self.terms):
             check_number(who, f"term {i} ({term.kind!r}) strength", term.strength, limit, setting)
             if term.weights:

@@ -70,7 +70,7 @@ def _check_picture(cache: TemplateCache, carrier: str) -> None:
 def check_picture_values(cache: TemplateCache, masks: dict[str, torch.Tensor] | None = None) -> None:
     """The picture (and ``masks``) of a latent carrier's cache: images and masks in [0, 1], latents
     finite with |value| at most ``DT_MAX_LATENT_MAGNITUDE``."""
-    who = cache.describe()
+    who = cache.describe
     unit = dict(masks or {})
     if cache.image is not None:
         unit["image"] = cache.image

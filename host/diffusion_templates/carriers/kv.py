@@ -58,7 +58,8 @@ class KVCache(TemplateCache):
 
     def check_values(self) -> None:
         """Keys and values finite, |value| at most ``DT_MAX_KV_MAGNITUDE``."""
-        check_magnitudes(self.describe(), self.flat_tensors(), max_kv_magnitude(), "DT_MAX_KV_MAGNITUDE")
+        fields = {"keys": self.keys, "values": self.values}
+        check_magnitudes(self.describe, fields, max_kv_magnitude(), "DT_MAX_KV_MAGNITUDE")
 
 
 class _ExtraKVHook(ModelHook):

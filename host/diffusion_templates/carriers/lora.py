@@ -69,13 +69,13 @@ class LoraCache(TemplateCache):
     def check_values(self) -> None:
         """Factors finite; |down| and |up x scaling| at most ``DT_MAX_LORA_MAGNITUDE`` (the product is
         what merging folds into up, so a merge of LoRAs within the bound stays within it)."""
-        who = self.describe()
-        for module, value in self.scaling.items():  # also checked at validation; fields may be reassigned
-            check_number(who, f"module {module!r} scaling", value, math.inf, "")
-        tensors = {f"down/{m}": t for m, t in self.down.items()}
-        tensors.update({f"up/{m}": t for m, t in self.up.items()})
-        scales = {f"up/{m}": self.scale_of(m) for m in self.up}
-        check_magnitudes(who, tensors, max_lora_magnitude(), "DT_MAX_LORA_MAGNITUDE", scales=scales)
+        for module, value in self.scaling.items():  # also checked at validation; dicts may change since
+            if not math.isfinite(value):
+                check_number(self.describe, f"module {module!r} scaling", value, math.inf, "")
+        fields = {"down": self.down, "up": self.up}
+        check_magnitudes(
+            self.describe, fields, max_lora_magnitude(), "DT_MAX_LORA_MAGNITUDE", scales={"up": self.scaling}
+        )
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense weight delta ``scaling * B @ A`` (for tests and inspection)."""

@@ -210,12 +210,13 @@ class ResidualCache(TemplateCache):
     def check_values(self) -> None:
         """Each entry's |conditioning_scale| at most ``DT_MAX_CONDITIONING_SCALE``; control inputs and
         static residuals finite, |value| at most ``DT_MAX_RESIDUAL_MAGNITUDE``."""
-        who = self.describe()
+        who = self.describe
         limit = max_conditioning_scale()
         for i, entry in enumerate(self.entries):
             scale = entry.conditioning_scale
             check_number(who, f"entry {i} conditioning_scale", scale, limit, "DT_MAX_CONDITIONING_SCALE")
-        check_magnitudes(who, self.flat_tensors(), max_residual_magnitude(), "DT_MAX_RESIDUAL_MAGNITUDE")
+        fields = {"control": self.control, "residuals": self.residuals}
+        check_magnitudes(who, fields, max_residual_magnitude(), "DT_MAX_RESIDUAL_MAGNITUDE")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
