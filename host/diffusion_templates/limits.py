@@ -198,8 +198,8 @@ def value_ranges(tensors: list[torch.Tensor]) -> list[tuple[float, float]]:
             stats = []
             for i in indices:
                 tensor = tensors[i].detach()
-                if tensor.element_size() == 1:  # float8: no reductions; exact in float32
-                    tensor = tensor.float()
+                if tensor.element_size() == 1 or not tensor.is_floating_point():
+                    tensor = tensor.float()  # float8 and bool have no aminmax; exact in float32
                 stats.append(torch.stack(torch.aminmax(tensor)).float())
             for i, (low, high) in zip(indices, torch.stack(stats).tolist(), strict=True):
                 tensor = tensors[i]

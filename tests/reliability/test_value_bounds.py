@@ -605,3 +605,18 @@ def test_a_single_name_mapping_or_cache_equals_the_list_of_one(tiny_pipes, argum
             run(open_tp, "flux2_klein", seed=seed, **{argument: "test-kv"}),
             run(open_tp, "flux2_klein", seed=seed, **{argument: ["test-kv"]}),
         )
+
+
+def test_a_third_party_cache_class_is_checked_for_finite_values():
+    class Custom(TemplateCache):  # a carrier plugin's own cache class, with no bounds of its own
+        carrier = "test-custom-values"
+        x: torch.Tensor
+        steps: torch.Tensor | None = None
+
+    Custom(x=torch.ones(3), steps=torch.arange(3)).check_values()  # integer tensors are not measured
+    for seed, value in enumerate([float("nan"), float("inf"), -float("inf")]):
+        with pytest.raises(
+            CacheError, match=r"test-custom-values cache from template 'c': tensor 'x' holds NaN"
+        ):
+            Custom(x=poisoned((2, 5), value, seed), template="c").check_values()
+    Custom(x=torch.full((2,), 1e30)).check_values()  # no magnitude bound without the class saying so
