@@ -8,6 +8,7 @@ safetensors file: tensor fields (a tensor, or a ``dict[str, Tensor]``) become te
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, ClassVar
 
@@ -82,6 +83,21 @@ class TemplateCache(BaseModel):
                     flat[f"{name}/{key}"] = tensor
         return flat
 
+    def describe(self) -> str:
+        """How errors name this cache: ``"kv cache from template 'x'"``."""
+        return f"{self.carrier or type(self).__name__} cache from template {self.template!r}"
+
+    def check_values(self) -> None:
+        """Refuse values a carrier must not inject: here NaN or infinity in any floating tensor.
+
+        Each carrier's cache class adds its bounds (``limits.py``: magnitudes, [0, 1] ranges, scalar
+        settings). The host calls it for every cache before merging and injecting (``Carrier``'s
+        hooks), whatever made the cache: a plugin's encode, a file, the user. Cheap on caches seen
+        before: each tensor is measured once per version (:func:`limits.value_ranges`).
+        """
+        floating = {k: t for k, t in self.flat_tensors().items() if t.is_floating_point()}
+        limits.check_finite(self.describe, floating)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.flat_tensors().values())
@@ -109,8 +125,19 @@ class TemplateCache(BaseModel):
             n: ("tensor" if isinstance(v, torch.Tensor) else "dict") for n, v in self.tensor_fields().items()
         }
         meta = {"format": FORMAT_VERSION, "carrier": self.carrier, "fields": fields, "layout": layout}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.flat_tensors().items()}
-        save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(meta)})
+        try:  # NaN/Infinity are not JSON: a file holding them could not be loaded again
+            text = json.dumps(meta, allow_nan=False)
+        except ValueError:
+            raise CacheError(f"{self.describe()}: a field holds NaN or infinity: {fields}") from None
+        flat = self.flat_tensors()
+        for key, tensor in flat.items():
+            if tensor.is_floating_point() and tensor.element_size() == 1:
+                raise CacheError(
+                    f"{self.describe()}: tensor {key!r} is {tensor.dtype}; cache files hold "
+                    f"{', '.join(sorted(_FLOAT_DTYPES))} floating tensors (cast it first)"
+                )
+        tensors = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+        save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: text})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TemplateCache:
@@ -167,8 +194,9 @@ class TemplateCache(BaseModel):
 
 # -- reading untrusted files -----------------------------------------------------------------------------
 # safetensors dtype -> bytes per element. Caches hold floating tensors; integer and bool tensors are
-# allowed only in fields a cache class lists in ``integer_fields``. Other dtypes are refused.
-_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+# allowed only in fields a cache class lists in ``integer_fields``. Other dtypes are refused, float8
+# (F8_E4M3, F8_E5M2) included: torch has no reductions for them, so their values cannot be checked.
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _INT_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _ITEMSIZE = {**_FLOAT_DTYPES, **_INT_DTYPES}
 
@@ -213,7 +241,7 @@ def _read_header(path: str) -> tuple[_Entries, dict[str, str]]:
     if len(raw) != n:
         raise bad(f"truncated header ({len(raw)} of {n} bytes)")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"header is not JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -276,13 +304,18 @@ def _read_header(path: str) -> tuple[_Entries, dict[str, str]]:
     return entries, metadata
 
 
+def _refuse_constant(name: str) -> Any:
+    """``json.loads`` accepts NaN, Infinity and -Infinity by default; JSON has no such numbers."""
+    raise ValueError(f"{name} is not a JSON number (values must be finite)")
+
+
 def _cache_metadata(path: str, header_meta: dict[str, str]) -> dict[str, Any]:
     """The Diffusion Templates metadata of a cache file, checked for shape."""
     raw = header_meta.get(_METADATA_KEY)
     if raw is None:
         raise CacheError(f"{path}: not a Diffusion Templates cache (no {_METADATA_KEY!r} metadata)")
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise CacheError(f"{path}: unreadable cache metadata: {exc}") from None
     if not isinstance(meta, dict):
@@ -324,9 +357,11 @@ def _read_tensors(path: str, entries: _Entries) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CacheError(f"{path}: unreadable cache file: {exc}") from exc
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point():
+    floating = [key for key, tensor in tensors.items() if tensor.is_floating_point()]
+    # One aminmax per tensor (remembered: the carrier's bound check reuses it); counted only if bad.
+    for key, (low, high) in zip(floating, limits.value_ranges([tensors[k] for k in floating]), strict=True):
+        if not (math.isfinite(low) and math.isfinite(high)):
+            tensor = tensors[key]
             bad = tensor.numel() - int(torch.isfinite(tensor).sum())
-            if bad:
-                raise CacheError(f"{path}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.numel()}")
+            raise CacheError(f"{path}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.numel()}")
     return tensors

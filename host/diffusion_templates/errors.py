@@ -42,8 +42,9 @@ class TemplateInputError(TemplateError, ValueError):
     @classmethod
     def from_validation_error(cls, template: str, exc: Any) -> TemplateInputError:
         """From a pydantic ``ValidationError``: one (field path, message, value) per problem."""
-        errors = [(".".join(str(p) for p in e["loc"]) or "<inputs>", e["msg"], e.get("input"))
-                  for e in exc.errors()]
+        errors = [
+            (".".join(str(p) for p in e["loc"]) or "<inputs>", e["msg"], e.get("input")) for e in exc.errors()
+        ]
         return cls(template, errors)
 
 
@@ -69,3 +70,23 @@ class CarrierConflictError(TemplateError, ValueError):
 
 class UnsupportedError(TemplateError):
     """A carrier, template or pipeline is not supported by the backbone adapter in use."""
+
+
+def check_window(model: Any, message: str, *, start: str = "start", end: str = "end") -> None:
+    """In an input schema's ``model_validator(mode="after")``: refuse ``model.<start> >= model.<end>``.
+
+    A model validator sees both fields whatever the user gave: a field validator on ``end`` never runs
+    for ``end``'s default, so ``start=1.0`` alone used to pass and fail later, inside a carrier. The
+    error is reported on the ``end`` field (as the schemas' field validators did), with ``message``
+    formatted with both values (``{start}``, ``{end}``), e.g. ``"end ({end}) must be above start
+    ({start})"``.
+    """
+    low, high = getattr(model, start), getattr(model, end)
+    if low < high:
+        return
+    from pydantic import ValidationError  # the error path only
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    text = message.format(start=low, end=high).replace("{", "{{").replace("}", "}}")
+    detail = InitErrorDetails(type=PydanticCustomError("value_error", text), loc=(end,), input=high)
+    raise ValidationError.from_exception_data(type(model).__name__, [detail])

@@ -53,6 +53,24 @@ def denoiser_lock(denoiser: Any) -> threading.RLock:
         return lock
 
 
+def spec_list(specs: Any, argument: str) -> list[TemplateSpec]:
+    """The ``templates=`` / ``negative_templates=`` argument as a list of template specs.
+
+    One spec on its own -- a template name, a ``{"template": ...}`` mapping or a TemplateCache -- is a
+    list of one, as diffusers takes ``prompt="..."`` or a list of prompts: iterating it would give its
+    letters, keys or fields. Anything else that is not an iterable of specs is a TemplateInputError
+    naming the argument.
+    """
+    if specs is None:
+        return []
+    if isinstance(specs, (str, Mapping, TemplateCache)):
+        return [specs]
+    if isinstance(specs, (bytes, bytearray)) or not isinstance(specs, Iterable):
+        expected = "expected a template spec (a name, a mapping, a TemplateCache) or a list of them"
+        raise TemplateInputError("<unnamed>", [(argument, expected, specs)])
+    return list(specs)
+
+
 @dataclass
 class ResolvedTemplate:
     """A template name with its validated inputs."""
@@ -233,7 +251,9 @@ class TemplatePipeline:
         call = call or CallState()
         injections: list[Injection] = []
         for branch, specs in (("cond", templates), ("uncond", negative_templates)):
-            caches = [c for spec in specs or () for c in self.encode(spec, negative=branch == "uncond")]
+            argument = "templates" if branch == "cond" else "negative_templates"
+            specs = spec_list(specs, argument)
+            caches = [c for spec in specs for c in self.encode(spec, negative=branch == "uncond")]
             target = InjectionTarget(pipe=self.pipe, adapter=self.adapter, branch=branch, call=call)
             for cache in self.merge(caches):
                 injection = self.plugins.call(

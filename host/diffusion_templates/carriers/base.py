@@ -20,15 +20,20 @@ class Carrier:
     name: ClassVar[str]
     cache_class: ClassVar[type[TemplateCache]]
 
+    # Values are checked (``TemplateCache.check_values``: finite, within ``limits.py``'s bounds) on the
+    # way into both hooks: every cache reaches a carrier through them, whoever made it. Before merging,
+    # so the error names the template whose cache is bad; again before injecting, for the merged one.
     @hookimpl(specname="merge")
     def _merge_hook(self, carrier: str, caches: list[TemplateCache]) -> TemplateCache:
         for cache in caches:
             self.check_type(cache)
+            cache.check_values()
         return self.merge_caches(caches)
 
     @hookimpl(specname="inject")
     def _inject_hook(self, carrier: str, cache: TemplateCache, target: InjectionTarget) -> Injection:
         self.check_type(cache)
+        cache.check_values()
         return self.injection(cache, target)
 
     def check_type(self, cache: TemplateCache) -> None:

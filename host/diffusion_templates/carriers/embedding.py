@@ -32,6 +32,7 @@ from ..cache import TemplateCache
 from ..context import InjectionTarget
 from ..errors import CacheError, CarrierConflictError, UnsupportedError
 from ..injection import Injection
+from ..limits import check_magnitudes, max_embedding_magnitude
 from .base import Carrier, joined_template_names
 
 _PLAN = "diffusion_templates.embedding"
@@ -70,6 +71,12 @@ class EmbeddingCache(TemplateCache):
                 f"delta {self.delta.shape[-1]}"
             )
         return self
+
+    def check_values(self) -> None:
+        """tokens, delta and pooled_delta finite, |value| at most ``DT_MAX_EMBEDDING_MAGNITUDE``."""
+        candidates = {"tokens": self.tokens, "delta": self.delta, "pooled_delta": self.pooled_delta}
+        fields = {name: value for name, value in candidates.items() if value is not None}
+        check_magnitudes(self.describe, fields, max_embedding_magnitude(), "DT_MAX_EMBEDDING_MAGNITUDE")
 
 
 def _batch(tensors: list[torch.Tensor], what: str) -> int:

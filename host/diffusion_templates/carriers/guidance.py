@@ -50,6 +50,7 @@ from ..context import BatchLayout, InjectionTarget
 from ..errors import CacheError, UnsupportedError
 from ..injection import HookSet, Injection, unique_hook_name
 from ..latent_rgb import LatentRGBMap, latent_rgb_map
+from ..limits import check_number, max_guidance_strength
 from .base import Carrier, joined_template_names
 
 __all__ = [
@@ -193,6 +194,18 @@ class GuidanceCache(TemplateCache):
     carrier: ClassVar[str] = "guidance"
 
     terms: list[GuidanceTerm] = Field(min_length=1)
+
+    def check_values(self) -> None:
+        """Each term's strength, and strength x its largest step weight, at most
+        ``DT_MAX_GUIDANCE_STRENGTH`` (finiteness and targets are the terms' own validation)."""
+        limit, setting = max_guidance_strength(), "DT_MAX_GUIDANCE_STRENGTH"
+        who = self.describe
+        for i, term in enumerate(self.terms):
+            check_number(who, f"term {i} ({term.kind!r}) strength", term.strength, limit, setting)
+            if term.weights:
+                peak = term.strength * max(term.weights)
+                field = f"term {i} ({term.kind!r}) strength x largest step weight"
+                check_number(who, field, peak, limit, setting)
 
     @classmethod
     def single(

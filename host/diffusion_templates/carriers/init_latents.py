@@ -28,6 +28,7 @@ from ..cache import TemplateCache
 from ..context import InjectionTarget
 from ..errors import CacheError, CarrierConflictError, UnsupportedError
 from ..injection import Injection
+from ..limits import check_magnitudes, check_unit_range, max_latent_magnitude
 from .base import Carrier, joined_template_names
 
 _PLAN = "diffusion_templates.latent_start"
@@ -45,6 +46,10 @@ class InitLatentsCache(TemplateCache):
         _check_picture(self, "init_latents")
         return self
 
+    def check_values(self) -> None:
+        """image in [0, 1]; latents finite, |value| at most ``DT_MAX_LATENT_MAGNITUDE``."""
+        check_picture_values(self)
+
 
 def _check_picture(cache: TemplateCache, carrier: str) -> None:
     image, latents = cache.image, cache.latents
@@ -60,6 +65,18 @@ def _check_picture(cache: TemplateCache, carrier: str) -> None:
             f"{carrier} cache: latents must be a float tensor in the backbone's image-latent form, got "
             f"{tuple(latents.shape)} {latents.dtype}"
         )
+
+
+def check_picture_values(cache: TemplateCache, masks: dict[str, torch.Tensor] | None = None) -> None:
+    """The picture (and ``masks``) of a latent carrier's cache: images and masks in [0, 1], latents
+    finite with |value| at most ``DT_MAX_LATENT_MAGNITUDE``."""
+    who = cache.describe
+    unit = dict(masks or {})
+    if cache.image is not None:
+        unit["image"] = cache.image
+    check_unit_range(who, unit)
+    if cache.latents is not None:
+        check_magnitudes(who, {"latents": cache.latents}, max_latent_magnitude(), "DT_MAX_LATENT_MAGNITUDE")
 
 
 # --------------------------------------------------------------------------- the shared plan

@@ -21,7 +21,7 @@ from ..cache import TemplateCache
 from ..context import Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
 from ..injection import HookSet, Injection, unique_hook_name
-from ..limits import check_kv_tokens, max_kv_tokens
+from ..limits import check_kv_tokens, check_magnitudes, max_kv_magnitude, max_kv_tokens
 from .base import Carrier, joined_template_names
 
 
@@ -55,6 +55,11 @@ class KVCache(TemplateCache):
 
     def length(self, layer: str) -> int:
         return self.keys[layer].shape[1]
+
+    def check_values(self) -> None:
+        """Keys and values finite, |value| at most ``DT_MAX_KV_MAGNITUDE``."""
+        fields = {"keys": self.keys, "values": self.values}
+        check_magnitudes(self.describe, fields, max_kv_magnitude(), "DT_MAX_KV_MAGNITUDE")
 
 
 class _ExtraKVHook(ModelHook):

@@ -29,7 +29,7 @@ from ..context import InjectionTarget
 from ..errors import CarrierConflictError
 from ..injection import Injection
 from .base import Carrier, joined_template_names
-from .init_latents import LatentStart, _check_picture, call_kwargs_of
+from .init_latents import LatentStart, _check_picture, call_kwargs_of, check_picture_values
 
 
 class LatentMaskCache(TemplateCache):
@@ -49,6 +49,10 @@ class LatentMaskCache(TemplateCache):
             )
         _check_picture(self, "latent_mask")
         return self
+
+    def check_values(self) -> None:
+        """mask and image in [0, 1]; latents finite, |value| at most ``DT_MAX_LATENT_MAGNITUDE``."""
+        check_picture_values(self, {"mask": self.mask})
 
     @property
     def source(self) -> torch.Tensor:

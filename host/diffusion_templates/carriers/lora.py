@@ -14,6 +14,7 @@ deltas whatever module sets the LoRAs target.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from ..cache import TemplateCache
 from ..context import BatchLayout, Branch, CallState, InjectionTarget
 from ..errors import CacheError, CarrierConflictError
 from ..injection import HookSet, Injection, unique_hook_name
-from ..limits import check_lora_rank
+from ..limits import check_lora_rank, check_magnitudes, check_number, max_lora_magnitude
 from .base import Carrier, joined_template_names
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight$")
@@ -57,10 +58,24 @@ class LoraCache(TemplateCache):
             raise ValueError(
                 f"lora cache: scaling for unknown modules {sorted(set(self.scaling) - set(self.down))}"
             )
+        for module, value in self.scaling.items():
+            if not math.isfinite(value):
+                raise ValueError(f"lora cache module {module!r}: scaling is {value!r}; it must be finite")
         return self
 
     def scale_of(self, module: str) -> float:
         return self.scaling.get(module, 1.0)
+
+    def check_values(self) -> None:
+        """Factors finite; |down| and |up x scaling| at most ``DT_MAX_LORA_MAGNITUDE`` (the product is
+        what merging folds into up, so a merge of LoRAs within the bound stays within it)."""
+        for module, value in self.scaling.items():  # also checked at validation; dicts may change since
+            if not math.isfinite(value):
+                check_number(self.describe, f"module {module!r} scaling", value, math.inf, "")
+        fields = {"down": self.down, "up": self.up}
+        check_magnitudes(
+            self.describe, fields, max_lora_magnitude(), "DT_MAX_LORA_MAGNITUDE", scales={"up": self.scaling}
+        )
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense weight delta ``scaling * B @ A`` (for tests and inspection)."""
@@ -94,6 +109,19 @@ class LoraCache(TemplateCache):
                 )
             module = _strip(match["module"], prefix)
             (down if match["kind"] in ("lora_A", "lora_down") else up)[module] = tensor
+        for module, value in alpha.items():
+            if not math.isfinite(value):
+                raise CacheError(
+                    f"lora state dict: alpha of module {module!r} is {value!r}; it must be finite"
+                )
+        for module, a in down.items():  # before the ranks are read: a 1-D factor has none
+            b = up.get(module)
+            if a.ndim != 2 or (b is not None and b.ndim != 2):
+                got = f"{tuple(a.shape)} and {tuple(b.shape) if b is not None else 'none'}"
+                raise CacheError(
+                    f"lora state dict module {module!r}: LoRA factors must be 2-D, lora_A (r, in) and "
+                    f"lora_B (out, r); got shapes {got}"
+                )
         scaling = {m: scale * (alpha[m] / down[m].shape[0] if m in alpha else 1.0) for m in down}
         return cls(down=down, up=up, scaling=scaling, template=template)
 

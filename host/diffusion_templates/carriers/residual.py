@@ -47,6 +47,7 @@ from ..cache import TemplateCache
 from ..context import BatchLayout, InjectionTarget
 from ..errors import CacheError, UnsupportedError
 from ..injection import HookSet, Injection, denoiser_layout, unique_hook_name
+from ..limits import check_magnitudes, check_number, max_conditioning_scale, max_residual_magnitude
 from .base import Carrier, joined_template_names
 
 # --------------------------------------------------------------------------- adapter protocol
@@ -236,6 +237,17 @@ class ResidualCache(TemplateCache):
                         f"must be 0..{len(indices) - 1}"
                     )
         return self
+
+    def check_values(self) -> None:
+        """Each entry's |conditioning_scale| at most ``DT_MAX_CONDITIONING_SCALE``; control inputs and
+        static residuals finite, |value| at most ``DT_MAX_RESIDUAL_MAGNITUDE``."""
+        who = self.describe
+        limit = max_conditioning_scale()
+        for i, entry in enumerate(self.entries):
+            scale = entry.conditioning_scale
+            check_number(who, f"entry {i} conditioning_scale", scale, limit, "DT_MAX_CONDITIONING_SCALE")
+        fields = {"control": self.control, "residuals": self.residuals}
+        check_magnitudes(who, fields, max_residual_magnitude(), "DT_MAX_RESIDUAL_MAGNITUDE")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

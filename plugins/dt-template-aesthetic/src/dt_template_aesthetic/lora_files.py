@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from diffusion_templates import LoraCache, TemplateError
+from diffusion_templates import CacheError, LoraCache, TemplateError
+from diffusion_templates.limits import check_finite
 
 #: diffusers' LoRA loader of each backbone family (its ``lora_state_dict`` converts foreign formats).
 MIXINS = {
@@ -87,7 +88,7 @@ class LoraFile:
         config_path = Path(path).with_name("adapter_config.json")
         if config_path.is_file():
             try:
-                config = json.loads(config_path.read_text())
+                config = json.loads(config_path.read_text(), parse_constant=_refuse_constant)
             except (OSError, ValueError) as exc:
                 raise LoraFileError(f"{config_path}: not readable JSON ({exc})") from None
         if not tensors:
@@ -100,13 +101,27 @@ class LoraFile:
         if not raw:
             return None
         try:
-            packed = json.loads(raw)
-        except ValueError:
+            packed = json.loads(raw, parse_constant=_refuse_constant)
+        except ValueError as exc:
             raise LoraFileError(
-                f"LoRA file {self.path!r}: its {_ADAPTER_METADATA} metadata is not JSON"
+                f"LoRA file {self.path!r}: its {_ADAPTER_METADATA} metadata is not JSON ({exc})"
             ) from None
         fields = {k[len(prefix) + 1 :]: v for k, v in packed.items() if k.startswith(f"{prefix}.")}
         return fields or None
+
+
+def _refuse_constant(name: str) -> Any:
+    """Python's json accepts NaN and Infinity (not JSON): an alpha of NaN would poison every output."""
+    raise ValueError(f"{name} is not a JSON number (values must be finite)")
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every floating tensor of the file finite, before alphas are folded (inf x 0 would hide it)."""
+    floating = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    try:
+        check_finite("the file", floating)
+    except CacheError as exc:
+        raise LoraFileError(str(exc).removeprefix("the file: ")) from None
 
 
 def detect_format(keys: list[str]) -> str:
@@ -292,6 +307,7 @@ def load_lora(
     """
     lora = LoraFile.read(path)
     try:
+        _check_tensors(lora.tensors)
         fmt = detect_format(list(lora.tensors))
         tensors, text = _split(_to_diffusers_keys(lora, fmt, adapter), adapter)
         prefix = adapter.lora_prefix
@@ -324,7 +340,13 @@ def load_lora(
                     f"it targets {module!r}, which the {type(denoiser).__name__} of backbone "
                     f"{adapter.name!r} does not have (is it a LoRA for another model?)"
                 ) from None
-            if not isinstance(target, torch.nn.Linear) or pair["lora_A"].ndim != 2:
+            if isinstance(target, torch.nn.Linear) and (pair["lora_A"].ndim, pair["lora_B"].ndim) != (2, 2):
+                raise LoraFileError(  # malformed, not unsupported: skip_unsupported does not drop it
+                    f"module {module!r} (a Linear) has LoRA factors of shapes {tuple(pair['lora_A'].shape)} "
+                    f"and {tuple(pair['lora_B'].shape)}; a Linear's lora_A is (r, in) and its lora_B "
+                    "(out, r), both 2-D"
+                )
+            if not isinstance(target, torch.nn.Linear):
                 if not skip_unsupported:
                     raise LoraFileError(
                         f"layer {module!r} is a {type(target).__name__}; the lora carrier applies LoRAs to "
@@ -352,6 +374,7 @@ def load_lora(
         cache = LoraCache.from_state_dict(
             state, prefix=prefix, scale=weight, alphas=alphas, template=template
         )
-    except LoraFileError as exc:
+        cache.check_values()  # DT_MAX_LORA_MAGNITUDE, named after the file rather than at call time
+    except (LoraFileError, CacheError) as exc:
         raise LoraFileError(f"template {template!r}: LoRA file {path!r} ({adapter.name}): {exc}") from None
     return cache, skipped

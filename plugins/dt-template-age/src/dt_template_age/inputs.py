@@ -10,9 +10,10 @@ naming the template and the field.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from diffusion_templates import TemplateInputs
+from diffusion_templates.errors import check_window
 
 DEFAULT_YOUNG = "a photo of a young child"
 DEFAULT_OLD = "a photo of an elderly person"
@@ -94,13 +95,13 @@ class AgeInputs(TemplateInputs):
             raise ValueError("an anchor prompt must not be blank")
         return value
 
-    @field_validator("old_age")
-    @classmethod
-    def _ordered(cls, value: float, info: ValidationInfo) -> float:
-        young = info.data.get("young_age")
-        if young is not None and value <= young:
-            raise ValueError(f"old_age ({value}) must be larger than young_age ({young})")
-        return value
+    @model_validator(mode="after")
+    def _ordered(self) -> AgeInputs:
+        # Both fields, whichever the user gave (a validator on ``old_age`` skips its default).
+        check_window(
+            self, "old_age ({end}) must be larger than young_age ({start})", start="young_age", end="old_age"
+        )
+        return self
 
     @field_validator("old_prompt")
     @classmethod

@@ -10,7 +10,8 @@ template and the field.
 from __future__ import annotations
 
 from diffusion_templates import TemplateInputs
-from pydantic import Field, ValidationInfo, field_validator
+from diffusion_templates.errors import check_window
+from pydantic import Field, model_validator
 
 _CHANNEL = (
     "Target mean {name} of the image, 0 to 1: the average over the image of the {name} channel of the "
@@ -55,10 +56,8 @@ class ColorInputs(TemplateInputs):
         ),
     )
 
-    @field_validator("end")
-    @classmethod
-    def _end_after_start(cls, end: float, info: ValidationInfo) -> float:
-        start = info.data.get("start")
-        if start is not None and end <= start:
-            raise ValueError(f"end ({end}) must be above start ({start}): no step would be guided")
-        return end
+    @model_validator(mode="after")
+    def _end_after_start(self) -> ColorInputs:
+        # Both fields, whichever the user gave (a validator on ``end`` skips its default).
+        check_window(self, "end ({end}) must be above start ({start}): no step would be guided")
+        return self

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from diffusion_templates import TemplateInputs
+from diffusion_templates.errors import check_window
 
 #: Sides of a control image, in pixels.
 MIN_SIDE, MAX_SIDE = 8, 8192
@@ -211,10 +212,8 @@ class DepthInputs(TemplateInputs):
             )
         return folder
 
-    @field_validator("end")
-    @classmethod
-    def _window(cls, value: float, info: ValidationInfo) -> float:
-        start = info.data.get("start")
-        if start is not None and start >= value:
-            raise ValueError(f"end ({value}) must be larger than start ({start})")
-        return value
+    @model_validator(mode="after")
+    def _window(self) -> DepthInputs:
+        # Both fields, whichever the user gave (a validator on ``end`` skips its default).
+        check_window(self, "end ({end}) must be larger than start ({start})")
+        return self

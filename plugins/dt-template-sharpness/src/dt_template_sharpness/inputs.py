@@ -10,7 +10,8 @@ template and the field.
 from __future__ import annotations
 
 from diffusion_templates import TemplateInputs
-from pydantic import Field, ValidationInfo, field_validator
+from diffusion_templates.errors import check_window
+from pydantic import Field, model_validator
 
 
 class SharpnessInputs(TemplateInputs):
@@ -58,10 +59,8 @@ class SharpnessInputs(TemplateInputs):
         ),
     )
 
-    @field_validator("end")
-    @classmethod
-    def _end_after_start(cls, end: float, info: ValidationInfo) -> float:
-        start = info.data.get("start")
-        if start is not None and end <= start:
-            raise ValueError(f"end ({end}) must be above start ({start}): no step would be guided")
-        return end
+    @model_validator(mode="after")
+    def _end_after_start(self) -> SharpnessInputs:
+        # Both fields, whichever the user gave (a validator on ``end`` skips its default).
+        check_window(self, "end ({end}) must be above start ({start}): no step would be guided")
+        return self
