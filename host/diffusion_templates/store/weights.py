@@ -27,6 +27,7 @@ hashed: such calls are not cached.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import operator
 import os
@@ -178,7 +179,10 @@ def forget_weight_digests() -> None:
 
 
 # ------------------------------------------------------------------------------------- components
-_others: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
+#: component -> (marker, kind, identity) of components that are not modules
+_others: weakref.WeakKeyDictionary[Any, tuple[Any, str, str]] = weakref.WeakKeyDictionary()
+#: pipeline -> (config object, component names)
+_names: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
 def _class_name(value: Any) -> str:
@@ -193,36 +197,47 @@ def component_identity(component: Any) -> str:
         return "none"
     if isinstance(component, torch.nn.Module):
         return f"module:{_class_name(component)}:{module_digest(component)}"
+    try:
+        held = _others.get(component)
+    except TypeError:  # not weakly referenceable or not hashable: worked out every time
+        held = None
+    if held is not None:
+        current = _marker(component, held[1])
+        if current is held[0] or (held[1] != "config" and current == held[0]):
+            return held[2]
+    kind, marker, identity = _identify(component)
+    with contextlib.suppress(TypeError):
+        _others[component] = (marker, kind, identity)
+    return identity
+
+
+def _marker(component: Any, kind: str) -> Any:
+    """What, when unchanged, means a component's identity is unchanged (see :func:`_identify`)."""
+    if kind == "config":
+        return component.config
+    if kind == "vocab":
+        return (len(component), component.model_max_length)
+    return None
+
+
+def _identify(component: Any) -> tuple[str, Any, str]:
+    name = _class_name(component)
     config = getattr(component, "config", None)
-    if isinstance(config, Mapping):
-        return f"config:{_class_name(component)}:{_memo(component, config, lambda: config_digest(config))}"
-    vocab = getattr(component, "get_vocab", None)
-    if callable(vocab):
-        # A tokenizer: its vocabulary can grow (add_tokens), so its length is part of the memo check.
-        marker = (len(component), getattr(component, "model_max_length", None))
-        return f"vocab:{_class_name(component)}:{_memo(component, marker, lambda: _vocab_digest(component))}"
-    return f"object:{_class_name(component)}"
+    if isinstance(config, Mapping):  # diffusers replaces the frozen config object when it changes
+        return "config", config, f"config:{name}:{config_digest(config)}"
+    if callable(getattr(component, "get_vocab", None)) and hasattr(component, "model_max_length"):
+        # A tokenizer: its vocabulary can grow (add_tokens), so its length is part of the check.
+        marker = (len(component), component.model_max_length)
+        return "vocab", marker, f"vocab:{name}:{_vocab_digest(component)}"
+    return "object", None, f"object:{name}"
 
 
 def _vocab_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None and hasattr(backend, "to_str") else ""
     items = sorted((str(k), int(v)) for k, v in tokenizer.get_vocab().items())
-    extra = {"max_length": getattr(tokenizer, "model_max_length", None), "backend": text, "vocab": items}
+    extra = {"max_length": tokenizer.model_max_length, "backend": text, "vocab": items}
     return hashlib.sha256(_dumps(extra).encode()).hexdigest()
-
-
-def _memo(component: Any, marker: Any, compute: Any) -> str:
-    """``compute()``, remembered per component while ``marker`` stays equal (or the same object)."""
-    try:
-        held = _others.get(component)
-    except TypeError:  # not weakly referenceable or not hashable: computed every time
-        return compute()
-    if held is not None and (held[0] is marker or held[0] == marker):
-        return held[1]
-    value = compute()
-    _others[component] = (marker, value)
-    return value
 
 
 def template_reads(plugin: Any, template: str) -> tuple[str, ...] | None:
@@ -257,13 +272,13 @@ def _memo_names(pipe: Any, config: Mapping) -> tuple[str, ...]:
         return tuple(k for k in config if not str(k).startswith("_"))
 
     try:
-        held = _others.get(pipe)
+        held = _names.get(pipe)
     except TypeError:
         return compute()
     if held is not None and held[0] is config:
         return held[1]
     names = compute()
-    _others[pipe] = (config, names)
+    _names[pipe] = (config, names)
     return names
 
 
