@@ -473,6 +473,45 @@ def test_in_place_weight_edits_miss(flux2_pipe):
         forget_weight_digests()
 
 
+class _Adapted(torch.nn.Module):
+    """What PEFT's ``load_lora_weights`` does to a Linear: wraps it, adding parameters."""
+
+    def __init__(self, base: torch.nn.Module, seed: int):
+        super().__init__()
+        self.base_layer = base
+        g = torch.Generator().manual_seed(seed)
+        self.lora_A = torch.nn.Parameter(torch.randn(2, base.in_features, generator=g))
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+def test_new_submodules_and_parameters_miss(flux2_pipe):
+    template = Reads(reads=("denoiser",))
+    tp = TemplatePipeline(flux2_pipe, plugins=host_with(template))
+    denoiser = tp.adapter.denoiser
+    original = denoiser.proj_out
+    try:
+        tp.encode("reads")
+        torch.nn.Linear(4, 4)  # modules built elsewhere change nothing
+        tp.encode("reads")
+        assert template.runs == 1
+        for seed in (1, 2):
+            denoiser.proj_out = _Adapted(original, seed)  # the same Linear inside, new parameters beside it
+            tp.encode("reads")
+            assert template.runs == 1 + seed
+        denoiser.proj_out = original
+        tp.encode("reads")  # back to the original weights: their entry again
+        assert template.runs == 3
+        original.register_buffer("scale", torch.ones(3))
+        tp.encode("reads")
+        assert template.runs == 4
+    finally:
+        denoiser.proj_out = original
+        original._buffers.pop("scale", None)
+        forget_weight_digests()
+
+
 def _no_grad(fn):
     with torch.no_grad():
         return fn()

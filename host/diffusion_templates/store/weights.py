@@ -17,7 +17,8 @@ a later call re-reads those (a few hundred nanoseconds per tensor) and hashes ag
 that changed. ``_version`` moves on every in-place operation on the tensor (``copy_``, ``add_``,
 ``load_state_dict``, an optimizer step), ``data_ptr`` when ``.data`` is reassigned or the module moves
 device or dtype; replaced parameters and new submodules are seen through torch's global
-module/parameter/buffer registration hooks and a look-up of every tensor in its module's dict.
+module/parameter/buffer registration hooks (installed once, process-wide, on first use: they only
+log which module changed) and a look-up of every tensor in its module's dict.
 What torch does not count is invisible: an edit *through* ``param.data`` (``p.data.add_(...)``, as
 PEFT's ``merge``/diffusers' ``fuse_lora`` do) changes neither. After such an edit call
 :func:`forget_weight_digests`. Parameters on the ``meta`` device (sequential offloading) cannot be
@@ -46,15 +47,35 @@ _version = operator.attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
 _getitem = dict.__getitem__
 
-# torch calls these on every ``module.x = Parameter/Module/Buffer`` and ``register_*``: any change
-# of structure anywhere bumps the generation, and every module's tensor list is rebuilt on next use.
-_generation = [0]
+# torch calls these on every ``module.x = Parameter/Module/Buffer`` and ``register_*``. Each call
+# logs the id of the module whose structure changed; a memo is rebuilt only when a module it walked
+# is in the log since the memo was made (building unrelated modules elsewhere costs nothing).
+_events: list[int] = []
+_events_base = [0]  # the generation of _events[0]
+_EVENTS_KEPT = 65536
 _hooks_lock = threading.Lock()
 _hooks_installed = False
 
 
-def _bump(*_: Any) -> None:
-    _generation[0] += 1
+def _bump(module: Any, *_: Any) -> None:
+    _events.append(id(module))
+    if len(_events) > _EVENTS_KEPT:
+        with _hooks_lock:
+            drop = len(_events) // 2
+            del _events[:drop]
+            _events_base[0] += drop
+
+
+def _generation() -> int:
+    with _hooks_lock:
+        return _events_base[0] + len(_events)
+
+
+def _changed_since(generation: int, now: int) -> list[int] | None:
+    """Ids of the modules whose structure changed between two generations (``None``: forgotten)."""
+    with _hooks_lock:
+        base = _events_base[0]
+        return None if generation < base else _events[generation - base : now - base]
 
 
 def _install_hooks() -> None:
@@ -84,10 +105,13 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 class _ModuleWeights:
     """One module's tensors (as dict + name, so replacements are seen) and what was hashed."""
 
-    __slots__ = ("generation", "dicts", "names", "ids", "versions", "ptrs", "records", "digest")
+    __slots__ = ("generation", "module_ids", "dicts", "names", "ids", "versions", "ptrs", "records", "digest")
 
-    def __init__(self, generation: int, dicts: list[dict], names: list[str], records: list[tuple]) -> None:
+    def __init__(
+        self, generation: int, module_ids: set[int], dicts: list[dict], names: list[str], records: list[tuple]
+    ) -> None:
         self.generation = generation
+        self.module_ids = module_ids
         self.dicts = dicts
         self.names = names
         tensors = list(map(_getitem, dicts, names))
@@ -100,7 +124,10 @@ class _ModuleWeights:
 
     def unchanged(self, generation: int) -> bool:
         if generation != self.generation:
-            return False
+            changed = _changed_since(self.generation, generation)
+            if changed is None or not self.module_ids.isdisjoint(changed):
+                return False
+            self.generation = generation  # only modules outside this one changed
         try:
             tensors = list(map(_getitem, self.dicts, self.names))
         except KeyError:  # a parameter deleted from its module
@@ -122,7 +149,7 @@ def module_digest(module: torch.nn.Module) -> str:
     for tensors on the meta device."""
     _install_hooks()
     memo = _modules.get(module)
-    generation = _generation[0]
+    generation = _generation()
     if memo is not None and memo.unchanged(generation):
         return memo.digest
     with _modules_lock:
@@ -144,7 +171,9 @@ def _rebuild(module: torch.nn.Module, old: _ModuleWeights | None, generation: in
     names: list[str] = []
     todo: list[tuple[int, tuple, torch.Tensor]] = []
     records: list[Any] = []
+    module_ids = set()
     for prefix, sub in module.named_modules():
+        module_ids.add(id(sub))
         skip = sub._non_persistent_buffers_set
         for kind in (sub._parameters, sub._buffers):
             for name, tensor in kind.items():
@@ -168,7 +197,7 @@ def _rebuild(module: torch.nn.Module, old: _ModuleWeights | None, generation: in
         digests = [_tensor_digest(t) for _, _, t in todo]
     for (index, head, _), digest in zip(todo, digests, strict=True):
         records[index] = (*head, digest)
-    return _ModuleWeights(generation, dicts, names, records)
+    return _ModuleWeights(generation, module_ids, dicts, names, records)
 
 
 def forget_weight_digests() -> None:
