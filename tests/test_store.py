@@ -154,6 +154,19 @@ def test_backbone_identity_follows_config_and_dtype():
     assert backbone_identity(adapter) == base
     denoiser.config = {"width": 5}  # diffusers replaces the frozen config object on change
     assert backbone_identity(adapter) != base
+    # diffusers' bookkeeping entries (set-ordered lists, where the model came from) do not count
+    for extra in (
+        {"_use_default_values": ["a", "b"]},
+        {"_use_default_values": ["b", "a"], "_name_or_path": "/elsewhere"},
+        {"_diffusers_version": "0.1", "_class_name": "X"},
+    ):
+        denoiser.config = {"width": 4, **extra}
+        assert backbone_identity(adapter) == base
+    denoiser.config = {"width": 4, "mode": {"b", "a", "c"}}  # a set: hashed sorted, the same each time
+    with_set = backbone_identity(adapter)
+    denoiser.config = {"width": 4, "mode": {"c", "a", "b"}}
+    assert backbone_identity(adapter) == with_set != base
+    denoiser.config = {"width": 4}
     common = dict(template="glow", version="1", inputs=GlowInputs())
     keys = {
         cache_key(**common, backbone=base),
@@ -207,8 +220,14 @@ def test_key_is_the_hash_of_the_documented_record_and_the_fast_paths_agree(flux2
             template="glow", version="1", distribution="dist", inputs=inputs, backbone=backbone
         ) == reference(inputs)
     assert cache_key(
-        template="glow", version="1", distribution="dist", inputs=Mixed(), backbone=backbone,
-        negative=True, cache_version="2", weights="w" * 64,
+        template="glow",
+        version="1",
+        distribution="dist",
+        inputs=Mixed(),
+        backbone=backbone,
+        negative=True,
+        cache_version="2",
+        weights="w" * 64,
     ) == reference(Mixed(), negative=True, cache_version="2", weights="w" * 64)
 
     host = PluginHost()

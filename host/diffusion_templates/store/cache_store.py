@@ -65,9 +65,9 @@ class TemplateCacheStore:
         disk_max_bytes: int | None = None,
     ):
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
-        self.disk_max_bytes = disk_max_bytes
         self.stats = StoreStats()
         self._memory = MemoryLRU(max_bytes)
+        self._disk_max_bytes = disk_max_bytes
         self._disk = DiskMirror(self.disk_dir, disk_max_bytes) if self.disk_dir is not None else None
         self._keys = KeyBuilder()
         self._lock = threading.RLock()
@@ -75,7 +75,23 @@ class TemplateCacheStore:
 
     @property
     def max_bytes(self) -> int | None:
+        """Memory budget (bytes of cache tensors); lowering it takes effect at the next store."""
         return self._memory.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        self._memory.max_bytes = value
+
+    @property
+    def disk_max_bytes(self) -> int | None:
+        """Disk budget (bytes of complete entries); applied after each write."""
+        return self._disk.max_bytes if self._disk is not None else self._disk_max_bytes
+
+    @disk_max_bytes.setter
+    def disk_max_bytes(self, value: int | None) -> None:
+        self._disk_max_bytes = value
+        if self._disk is not None:
+            self._disk.max_bytes = value
 
     def __repr__(self) -> str:
         budget = "unbounded" if self.max_bytes is None else f"{self.max_bytes / 2**20:.0f} MiB"

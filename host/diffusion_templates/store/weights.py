@@ -94,12 +94,18 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     t = tensor.detach()
     if t.device.type == "meta":
         raise Uncacheable("a parameter on the meta device (offloaded) cannot be hashed by content")
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return hashlib.sha256(memoryview(t.view(torch.uint8).numpy())).hexdigest()
+    if t.layout != torch.strided or t.is_quantized:
+        raise Uncacheable(f"cannot hash a {t.layout} / quantized parameter by content")
+    try:
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous().reshape(-1)
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        data = memoryview(t.view(torch.uint8).numpy())
+    except (RuntimeError, TypeError) as exc:  # a tensor subclass or dtype numpy cannot view
+        raise Uncacheable(f"cannot hash a {t.dtype} parameter by content ({exc})") from None
+    return hashlib.sha256(data).hexdigest()
 
 
 class _ModuleWeights:
@@ -295,10 +301,13 @@ def component_names(pipe: Any) -> tuple[str, ...]:
 
 def _memo_names(pipe: Any, config: Mapping) -> tuple[str, ...]:
     def compute() -> tuple[str, ...]:
-        components = getattr(pipe, "components", None)
+        try:
+            components = pipe.components
+        except Exception:  # not a DiffusionPipeline, or one whose config and signature disagree
+            components = None
         if isinstance(components, Mapping):
             return tuple(str(k) for k in components)
-        return tuple(k for k in config if not str(k).startswith("_"))
+        return tuple(str(k) for k in config if not str(k).startswith("_"))
 
     try:
         held = _names.get(pipe)
