@@ -238,6 +238,7 @@ class DiskMirror:
             temps.append(tmp)
             write_new(tmp, json.dumps(meta, allow_nan=False).encode())
             os.replace(tmp, self.folder / index_name(key))  # the entry exists from here on
+            self._remove_beyond(key, len(caches))
         finally:
             for tmp in temps:
                 try:
@@ -279,6 +280,17 @@ class DiskMirror:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def _remove_beyond(self, key: str, count: int) -> None:
+        """Delete the files of an earlier, longer entry of ``key`` (``<key>-<count>.safetensors`` on)."""
+        for i in range(count, MAX_FILES):
+            path = self.folder / data_name(key, i)
+            if _regular_size(path) is None:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                break
 
     def _entries(self) -> list[tuple[float, str, int, int]]:
         """``(index mtime, key, bytes, file count)`` of every complete entry in the folder."""

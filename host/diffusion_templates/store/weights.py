@@ -111,7 +111,18 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 class _ModuleWeights:
     """One module's tensors (as dict + name, so replacements are seen) and what was hashed."""
 
-    __slots__ = ("generation", "module_ids", "dicts", "names", "ids", "versions", "ptrs", "records", "digest")
+    __slots__ = (
+        "generation",
+        "module_ids",
+        "dicts",
+        "names",
+        "refs",
+        "ids",
+        "versions",
+        "ptrs",
+        "records",
+        "digest",
+    )
 
     def __init__(
         self, generation: int, module_ids: set[int], dicts: list[dict], names: list[str], records: list[tuple]
@@ -121,6 +132,7 @@ class _ModuleWeights:
         self.dicts = dicts
         self.names = names
         tensors = list(map(_getitem, dicts, names))
+        self.refs = list(map(weakref.ref, tensors))  # so a digest is reused only for the same object
         self.ids = list(map(id, tensors))
         self.versions = list(map(_version, tensors))
         self.ptrs = list(map(_data_ptr, tensors))
@@ -167,12 +179,12 @@ def module_digest(module: torch.nn.Module) -> str:
 def _rebuild(module: torch.nn.Module, old: _ModuleWeights | None, generation: int) -> _ModuleWeights:
     """Walk ``module`` again; hash only tensors whose (name, id, data_ptr, version, dtype, shape,
     stride) is not in ``old``."""
-    known: dict[tuple, str] = {}
+    known: dict[tuple, tuple[weakref.ref, str]] = {}
     if old is not None:
-        for (qualified, dtype, shape, stride, digest), i, v, p in zip(
-            old.records, old.ids, old.versions, old.ptrs, strict=True
+        for (qualified, dtype, shape, stride, digest), ref, i, v, p in zip(
+            old.records, old.refs, old.ids, old.versions, old.ptrs, strict=True
         ):
-            known[(qualified, i, v, p, dtype, shape, stride)] = digest
+            known[(qualified, i, v, p, dtype, shape, stride)] = (ref, digest)
     dicts: list[dict] = []
     names: list[str] = []
     todo: list[tuple[int, tuple, torch.Tensor]] = []
@@ -188,9 +200,13 @@ def _rebuild(module: torch.nn.Module, old: _ModuleWeights | None, generation: in
                 qualified = f"{prefix}.{name}" if prefix else name
                 dicts.append(kind)
                 names.append(name)
-                dtype, shape, stride = str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride())
-                key = (qualified, id(tensor), tensor._version, tensor.data_ptr(), dtype, shape, stride)
-                digest = known.get(key)
+                try:
+                    dtype, shape, stride = str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride())
+                    key = (qualified, id(tensor), tensor._version, tensor.data_ptr(), dtype, shape, stride)
+                except (RuntimeError, TypeError) as exc:  # sparse or otherwise without strided storage
+                    raise Uncacheable(f"cannot hash parameter {qualified!r} by content ({exc})") from None
+                held = known.get(key)
+                digest = held[1] if held is not None and held[0]() is tensor else None
                 if digest is None:
                     todo.append((len(records), (qualified, dtype, shape, stride), tensor))
                 records.append((qualified, dtype, shape, stride, digest))
