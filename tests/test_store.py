@@ -23,6 +23,7 @@ from diffusion_templates.store import (
     caches_nbytes,
     canonical,
     inputs_digest,
+    pipeline_weights,
 )
 from helpers import run
 
@@ -153,6 +154,19 @@ def test_backbone_identity_follows_config_and_dtype():
     assert backbone_identity(adapter) == base
     denoiser.config = {"width": 5}  # diffusers replaces the frozen config object on change
     assert backbone_identity(adapter) != base
+    # diffusers' bookkeeping entries (set-ordered lists, where the model came from) do not count
+    for extra in (
+        {"_use_default_values": ["a", "b"]},
+        {"_use_default_values": ["b", "a"], "_name_or_path": "/elsewhere"},
+        {"_diffusers_version": "0.1", "_class_name": "X"},
+    ):
+        denoiser.config = {"width": 4, **extra}
+        assert backbone_identity(adapter) == base
+    denoiser.config = {"width": 4, "mode": {"b", "a", "c"}}  # a set: hashed sorted, the same each time
+    with_set = backbone_identity(adapter)
+    denoiser.config = {"width": 4, "mode": {"c", "a", "b"}}
+    assert backbone_identity(adapter) == with_set != base
+    denoiser.config = {"width": 4}
     common = dict(template="glow", version="1", inputs=GlowInputs())
     keys = {
         cache_key(**common, backbone=base),
@@ -193,6 +207,7 @@ def test_key_is_the_hash_of_the_documented_record_and_the_fast_paths_agree(flux2
             "inputs": canonical(inputs),
             "backbone": backbone,
             "negative": False,
+            "weights": "",
             **extra,
         }
         text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -205,9 +220,15 @@ def test_key_is_the_hash_of_the_documented_record_and_the_fast_paths_agree(flux2
             template="glow", version="1", distribution="dist", inputs=inputs, backbone=backbone
         ) == reference(inputs)
     assert cache_key(
-        template="glow", version="1", distribution="dist", inputs=Mixed(), backbone=backbone,
-        negative=True, cache_version="2",
-    ) == reference(Mixed(), negative=True, cache_version="2")
+        template="glow",
+        version="1",
+        distribution="dist",
+        inputs=Mixed(),
+        backbone=backbone,
+        negative=True,
+        cache_version="2",
+        weights="w" * 64,
+    ) == reference(Mixed(), negative=True, cache_version="2", weights="w" * 64)
 
     host = PluginHost()
     host.register("template", "mixed", type("MixedTemplate", (CountingKV,), {"Inputs": Mixed}))
@@ -224,6 +245,7 @@ def test_key_is_the_hash_of_the_documented_record_and_the_fast_paths_agree(flux2
                 f"{klass.__module__}.{klass.__qualname__}",
                 inputs=Mixed(a=value),
                 backbone=backbone_identity(tp.adapter),
+                weights=pipeline_weights(tp.pipe, tp.adapter.denoiser, None),  # no `reads`: every component
             )
             for value in values
         ]
@@ -351,7 +373,11 @@ def test_broken_disk_entries_are_misses_and_disk_is_bounded(tmp_path):
     (tmp_path / "k-0.safetensors").write_bytes(b"garbage")
     fresh = TemplateCacheStore(disk_dir=tmp_path)
     assert fresh.get("k") is None and fresh.stats.disk_errors == 1
-    assert not (tmp_path / "k.json").exists()  # dropped, to be rewritten
+    # Not deleted (the store deletes only complete entries): computing the key again replaces it.
+    got = fresh.get_or_compute("k", lambda: _entry(64, 2.0))
+    assert float(got[0].down["m"][0, 0]) == 2.0 and fresh.stats.misses == 1
+    again = TemplateCacheStore(disk_dir=tmp_path).get("k")
+    assert again is not None and float(again[0].down["m"][0, 0]) == 2.0
     bounded = TemplateCacheStore(max_bytes=0, disk_dir=tmp_path / "b", disk_max_bytes=3000)
     for i, key in enumerate("abcd"):
         bounded.put(key, _entry(1024))

@@ -42,6 +42,10 @@ class Template:
     Inputs: ClassVar[type[BaseModel]] = TemplateInputs
     carriers: ClassVar[tuple[str, ...]] = ()
     backbones: ClassVar[tuple[str, ...]] = ("*",)  # adapter names, or "*" for any adapter with the carriers
+    #: Pipeline components whose weights ``encode`` reads (names as in ``pipe.components``;
+    #: ``"denoiser"`` is the adapter's denoiser): the cache store keys entries by their content. ``None``
+    #: (default): every component; ``()``: none, the caches follow from the inputs alone.
+    reads: ClassVar[tuple[str, ...] | None] = None
 
     @hookimpl(specname="encode")
     def _encode_hook(self, template: str, inputs: BaseModel, context: EncodeContext) -> Any:

@@ -374,7 +374,7 @@ def test_bad_inputs_and_files_name_template_field_and_file(tmp_path):
 
 
 def test_edited_file_is_read_again(tmp_path):
-    """Computed caches are keyed by the file's size and modification time, not only its name."""
+    """Computed caches are keyed by the file's content, not only its name."""
     import os
 
     pipe = tiny("flux")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from diffusion_templates import TemplateInputs
+from diffusion_templates.store import file_digest
 
 #: Most LoRA files one spec may merge.
 MAX_LORAS = 16
@@ -77,14 +78,18 @@ class LoraSpec(BaseModel):
 
     signature: str | None = Field(
         None,
-        description="Set from the file at validation (size and modification time; any value given is "
-        "replaced): computed caches are keyed by it, so an edited file is read again.",
+        description="Set from the file at validation (the SHA-256 of its content; any value given is "
+        "replaced): computed caches are keyed by it, so an edited file is read again, even one rewritten "
+        "with its old size and modification time.",
     )
 
     @model_validator(mode="after")
     def _signature(self) -> LoraSpec:
-        stat = Path(self.path).stat()
-        self.__dict__["signature"] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        try:
+            digest = file_digest(self.path)
+        except OSError as exc:  # vanished or replaced by a FIFO/device since the path was checked
+            raise ValueError(f"cannot read LoRA file {self.path!r} ({exc})") from None
+        self.__dict__["signature"] = f"sha256:{digest}"
         return self
 
     @field_validator("path", mode="before")

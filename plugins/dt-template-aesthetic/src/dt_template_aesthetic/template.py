@@ -26,6 +26,9 @@ class AestheticTemplate(Template):
     # Keep both in sync with the dt-carrier:/dt-backbone: keywords in pyproject.toml.
     carriers = ("lora",)
     backbones = ("flux", "flux2", "qwen_image", "sd3", "sdxl")
+    # The LoRA files are the caches (keyed by content through ``LoraSpec.signature``); the denoiser is
+    # read for its module names and shapes only, which its config already keys.
+    reads = ()
     #: ``dt demo``: the files in DT_AESTHETIC_LORAS (paths separated by os.pathsep) when set; else the
     #: shipped ``shapes-high-key`` LoRA (trained for the dt-base-shapes demo model by ``shapes.py``; on
     #: another base model its modules do not fit and the demo reports it as skipped).

@@ -55,6 +55,8 @@ class ColorTemplate(Template):
     # Refused at encode time: negative_templates (guidance moves the guided prediction as a whole) and
     # schedulers without one sigma per step (DPM-Solver, UniPC, DDIM, Heun...: UnsupportedError).
     backbones = ("flux2", "flux", "sd3", "qwen_image", "sdxl")
+    # The cache is the inputs themselves (no pipeline weights read): the store keys by inputs only.
+    reads = ()
     demo_inputs = staticmethod(demo_inputs)
 
     def encode(self, inputs: ColorInputs, context: EncodeContext) -> GuidanceCache:
