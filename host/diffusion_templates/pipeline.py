@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from .cache import TemplateCache
 from .context import CURRENT_CALL, CallState, EncodeContext, InjectionTarget
 from .errors import PluginError, TemplateInputError, UnsupportedError, validate_inputs
+from .guard import encode_guard
 from .injection import BranchTracker, Injection, compose_step_callbacks, registry_cache_guard
 from .locks import component_lock, pipeline_lock
 from .plugins import PluginHost, default_host
@@ -160,19 +161,27 @@ class TemplatePipeline:
         context = EncodeContext(
             pipe=self.pipe, adapter=self.adapter, template=resolved.name, negative=negative
         )
-        rep = self.plugins.call(
-            "template",
-            resolved.name,
-            "encode",
-            template=resolved.name,
-            inputs=resolved.inputs,
-            context=context,
-        )
-        if rep is None:
-            raise self._plugin_error("template", resolved.name, "encode returned nothing")
-        caches = self.plugins.call(
-            "template", resolved.name, "to_cache", template=resolved.name, representation=rep, context=context
-        )
+        info = self.plugins.info("template", resolved.name)
+        # The plugin gets the pipeline to read it; whatever it changed is undone and refused (guard.py).
+        with encode_guard(self.pipe, plugin=resolved.name, distribution=info.distribution if info else None):
+            rep = self.plugins.call(
+                "template",
+                resolved.name,
+                "encode",
+                template=resolved.name,
+                inputs=resolved.inputs,
+                context=context,
+            )
+            if rep is None:
+                raise self._plugin_error("template", resolved.name, "encode returned nothing")
+            caches = self.plugins.call(
+                "template",
+                resolved.name,
+                "to_cache",
+                template=resolved.name,
+                representation=rep,
+                context=context,
+            )
         if isinstance(caches, TemplateCache):
             caches = [caches]
         if (
