@@ -29,9 +29,6 @@ _guard = threading.Lock()
 _sequence = itertools.count()
 _immortal: list[Any] = []  # components that cannot be weakly referenced: their lock never goes away
 
-#: Component values that are settings, not objects with state (``is_distilled``, ``requires_...``).
-_PLAIN = (bool, int, float, str, bytes, tuple, list, dict, type(None))
-
 
 def _forget(key: int) -> None:
     # Runs when the component is garbage collected, before its id can be reused; dict.pop is atomic,
@@ -57,6 +54,22 @@ def component_lock(component: Any) -> threading.RLock:
     return _entry(component)[0]
 
 
+def pipeline_components(pipe: Any) -> dict[str, Any]:
+    """A diffusers pipeline's component objects by name, without ``pipe.components``' signature walk.
+
+    The pipeline's config lists each component as a ``(library, class)`` pair and each setting
+    (``is_distilled``, ...) as a plain value; only the former are read (reading a setting through
+    the pipeline's attribute is deprecated). Missing (``None``) components are left out.
+    """
+    found = {}
+    for name, value in (getattr(pipe, "config", None) or {}).items():
+        if not name.startswith("_") and isinstance(value, (tuple, list)) and len(value) == 2:
+            component = pipe.__dict__.get(name)
+            if component is not None:
+                found[name] = component
+    return found
+
+
 def stateful_components(pipe: Any, denoiser: torch.nn.Module) -> list[Any]:
     """What a call through ``pipe`` keeps state in: the denoiser, the VAE, and every component that
     is not a module (scheduler, tokenizers, processors, feature extractors).
@@ -65,16 +78,9 @@ def stateful_components(pipe: Any, denoiser: torch.nn.Module) -> list[Any]:
     out lets pipelines that share only their text encoders run in parallel.
     """
     found: dict[int, Any] = {id(denoiser): denoiser}
-    config = getattr(pipe, "config", None) or {}
-    for name in config:
-        if name.startswith("_"):
-            continue
-        value = getattr(pipe, name, None)
-        if isinstance(value, _PLAIN):
-            continue
-        if isinstance(value, torch.nn.Module) and name != "vae":
-            continue
-        found.setdefault(id(value), value)
+    for name, component in pipeline_components(pipe).items():
+        if not isinstance(component, torch.nn.Module) or name == "vae":
+            found.setdefault(id(component), component)
     return list(found.values())
 
 
