@@ -208,7 +208,7 @@ def _restore_module(before: _ModuleRecord, now: tuple, undone: list[str], stuck:
     if d.get("processor", _MISSING) is not before.processor:
         _put(d, "processor", before.processor)
         undone.append(f"{path}: swapped the attention processor")
-    if now[3] != before.key[3]:
+    if now[3] != before.key[3] and not _only_library_hooks_added(d, before):
         for hooks, saved in zip(_hook_dicts(d), before.hooks or [{}] * len(_HOOK_DICTS), strict=True):
             hooks.clear()
             hooks.update(saved)
@@ -232,6 +232,33 @@ def _restore_module(before: _ModuleRecord, now: tuple, undone: list[str], stuck:
             undone.append(f"{path}.{name}: set requires_grad={not state[3]}")
         if _tensor_state(tensor)[:3] != state[:3]:  # its version counter or its storage moved
             stuck.append(f"{path}.{name}: written in place")
+
+
+#: Hooks a library installs on a model the first time it is used in some way, and keeps: transformers 5
+#: puts an output-capturing forward hook on each layer the first time hidden states are requested
+#: (``transformers.utils.output_capturing``, marking the model ``_output_capturing_hooks_installed``).
+#: An encode that asks the pipeline's text encoder for hidden states first does exactly what the
+#: pipeline's own call would do; removing the hooks would leave the model marked but unhooked.
+_LIBRARY_LAZY_HOOKS = frozenset(
+    {("transformers.utils.output_capturing", "install_output_capuring_hook.<locals>.output_capturing_hook")}
+)
+
+
+def _only_library_hooks_added(d: dict[str, Any], before: _ModuleRecord) -> bool:
+    """Whether the module's hook dicts differ only by hooks of :data:`_LIBRARY_LAZY_HOOKS` added."""
+    saved_dicts = before.hooks or [{}] * len(_HOOK_DICTS)
+    for name, hooks, saved in zip(_HOOK_DICTS, _hook_dicts(d), saved_dicts, strict=True):
+        if any(key not in hooks for key in saved):
+            return False  # a hook was removed
+        for key, hook in hooks.items():
+            if key in saved:
+                continue
+            if name.endswith(("_with_kwargs", "_always_called")):
+                continue  # flags of a hook in the main dict, judged there
+            where = (getattr(hook, "__module__", None), getattr(hook, "__qualname__", None))
+            if where not in _LIBRARY_LAZY_HOOKS:
+                return False
+    return True
 
 
 def _put(d: dict, name: str, value: Any) -> None:

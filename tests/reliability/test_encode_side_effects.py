@@ -240,3 +240,34 @@ def test_snapshot_records_what_the_guard_checks():
         assert "torch.global_hooks: changed" in state_differences(before, pipeline_state(pipe), limit=1000)
     finally:
         handle.remove()
+
+
+def test_hooks_a_library_installs_on_first_use_are_no_change():
+    """transformers 5 hooks a model's layers the first time hidden states are requested and keeps the
+    hooks; an encode that is the first to ask (the edit template does) is accepted, and the hooks stay
+    (removing them would leave the model marked as hooked but without hooks)."""
+    from diffusion_templates.testing.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES[FAMILY].build()  # not warmed up: no hidden states asked for yet
+    pipe.set_progress_bar_config(disable=True)
+    encoder = pipe.text_encoder
+
+    def marked() -> bool:
+        return any(getattr(m, "_output_capturing_hooks_installed", False) for m in encoder.modules())
+
+    assert not marked()
+
+    def hidden_states(p):
+        with torch.no_grad():
+            out = p.text_encoder(
+                p.tokenizer("a blue square", return_tensors="pt").input_ids, output_hidden_states=True
+            )
+        assert out.hidden_states is not None and len(out.hidden_states) > 1
+
+    _register("hidden-states", hidden_states)
+    tp = TemplatePipeline(pipe, store=None)
+    for seed in SEEDS:
+        _call(tp, seed, [{"template": "hidden-states", "seed": seed}])
+    assert marked()
+    assert any(m._forward_hooks for m in encoder.modules()), "transformers' own hooks were removed"
+    hidden_states(pipe)  # and they still work
