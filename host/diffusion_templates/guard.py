@@ -5,25 +5,29 @@ it. :func:`encode_guard` records, before the plugin's ``encode``/``to_cache`` ru
 fingerprint of everything a change would show in, and compares after:
 
 * every parameter and buffer of every module component: its object, ``_version`` counter (bumped by
-  every in-place write through the tensor or a view of it), storage pointer, dtype, shape and
-  ``requires_grad``;
+  every in-place write through the tensor or a view of it), storage pointer and ``requires_grad``;
 * per submodule: ``training``, an instance ``forward`` (a monkeypatch, or a diffusers hook), its
-  attention ``processor``, its torch hook dicts, its diffusers hook registry and its children;
-* torch's global module hooks; each component object; each component's diffusers config (the
-  scheduler's, the models'), which ``register_to_config`` replaces.
+  attention ``processor``, its diffusers hook registry and its children;
+* torch hooks, on any module of the pipeline or global: torch numbers every hook it registers from
+  one counter, so an unchanged counter means no hook was added, and the new ones are those numbered
+  from the counter's value before;
+* each component object, and each component's diffusers config (the scheduler's, the models'),
+  which ``register_to_config`` replaces.
 
 Any change is refused: the host raises :class:`PluginError` naming the plugin and its distribution
 and listing the changes. Before raising, it undoes every change it can undo exactly from what it
 recorded (training flags, ``requires_grad``, configs, replaced components, tensors or submodules,
-added or removed hooks, processors, instance ``forward``), so the pipeline is as before. What it
-cannot undo is a write into a tensor's memory (an in-place op, ``.to()`` of a module): the
-fingerprint keeps no copy of the values (that would cost the model's size per encode), so the
-error says those tensors are changed for good.
+added hooks, processors, instance ``forward``), so the pipeline is as before. What it cannot undo
+is a write into a tensor's memory (an in-place op, ``.to()`` of a module): the fingerprint keeps no
+copy of the values (that would cost the model's size per encode), so the error names those tensors
+as changed for good. Hooks transformers installs on a model's first hidden-states request are no
+change (:data:`_LIBRARY_LAZY_HOOKS`).
 
 Not seen: writes through ``tensor.data`` (a view that does not share the version counter) and
-writes inside kernels that bypass autograd's counter, changes to other objects the pipeline holds
-(a tokenizer's vocabulary or padding side), and changes made from another thread after the encode
-returned. The cost is a walk over the modules (see docs/reliability.md for numbers); it runs only
+writes inside kernels that bypass autograd's counter; torch hooks removed, or put into a module's
+hook dicts without ``register_*``; changes to other objects the pipeline holds (a tokenizer's
+vocabulary or padding side); changes made from another thread after the encode returned. The cost
+is one walk over the modules before and one after (numbers in docs/reliability.md); it runs only
 when an encode runs, i.e. on a cache-store miss.
 """
 
@@ -38,12 +42,14 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from torch.nn.modules import module as torch_module
+from torch.utils.hooks import RemovableHandle
 
 from .errors import PluginError
 from .locks import pipeline_components
 
-#: The per-module hook dicts of torch (the ``_with_kwargs``/``_always_called`` ones share keys with
-#: ``_forward_hooks``/``_forward_pre_hooks`` but are compared too: restoring needs them all).
+#: The per-module hook dicts of torch. Their keys are ``RemovableHandle`` ids, drawn from one counter
+#: (``RemovableHandle.next_id``) by every ``register_*hook`` call: a hook registered during the encode
+#: has an id at or above the counter's value before it, and unchanged counter means none was added.
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -66,9 +72,16 @@ _GLOBAL_HOOKS = (
     "_global_forward_hooks_with_kwargs",
 )
 _MISSING = object()
-
-
 _hook_dicts = operator.itemgetter(*_HOOK_DICTS)
+
+#: Hooks a library installs on a model the first time it is used in some way, and keeps: transformers 5
+#: puts an output-capturing forward hook on each layer the first time hidden states are requested
+#: (``transformers.utils.output_capturing``, marking the model ``_output_capturing_hooks_installed``).
+#: An encode that asks the pipeline's text encoder for hidden states first does exactly what the
+#: pipeline's own call would do; removing the hooks would leave the model marked but unhooked.
+_LIBRARY_LAZY_HOOKS = frozenset(
+    {("transformers.utils.output_capturing", "install_output_capuring_hook.<locals>.output_capturing_hook")}
+)
 
 
 def _tensor_state(tensor: torch.Tensor | None) -> tuple | None:
@@ -79,19 +92,16 @@ def _tensor_state(tensor: torch.Tensor | None) -> tuple | None:
 
 
 def _key(d: dict[str, Any]) -> tuple:
-    """The comparable state of the module whose ``__dict__`` is ``d``: ids stand for objects and hook
-    dicts for their sizes (every torch ``register_*_hook`` call adds an entry, every removal drops one),
-    so that the check after an encode builds one flat tuple per module and copies nothing."""
+    """The comparable state of the module whose ``__dict__`` is ``d`` (ids stand for tensors, whose
+    ``==`` is elementwise), built as one flat tuple so that the check after an encode copies nothing."""
     registry = d.get("_diffusers_hook")
     return (
         d.get("training"),
         id(d.get("forward", _MISSING)),
         id(d.get("processor", _MISSING)),
-        tuple(map(len, _hook_dicts(d))),
         id(registry),
         None if registry is None else tuple(registry._hook_order),
-        tuple(d["_modules"]),
-        tuple(map(id, d["_modules"].values())),
+        tuple(d["_modules"].items()),
         tuple(map(_tensor_state, d["_parameters"].values())),
         tuple(map(_tensor_state, d["_buffers"].values())),
     )
@@ -100,18 +110,14 @@ def _key(d: dict[str, Any]) -> tuple:
 class _ModuleRecord:
     """One submodule before the encode: its ``key`` (compared) and the objects to put back."""
 
-    __slots__ = ("module", "path", "key", "forward", "processor", "hooks", "registry", "children",
-                 "parameters", "buffers")  # fmt: skip
+    __slots__ = ("module", "path", "key", "forward", "processor", "registry", "parameters", "buffers")
 
     def __init__(self, module: torch.nn.Module, path: str) -> None:
         d = module.__dict__
         self.module, self.path, self.key = module, path, _key(d)
         self.forward, self.processor = d.get("forward", _MISSING), d.get("processor", _MISSING)
-        self.hooks = tuple(h.copy() for h in _hook_dicts(d)) if any(self.key[3]) else None
         self.registry = d.get("_diffusers_hook")
-        self.children, self.parameters, self.buffers = (
-            dict(d["_modules"]), dict(d["_parameters"]), dict(d["_buffers"]),
-        )  # fmt: skip
+        self.parameters, self.buffers = dict(d["_parameters"]), dict(d["_buffers"])
 
     @property
     def training(self) -> bool:
@@ -119,7 +125,11 @@ class _ModuleRecord:
 
     @property
     def registry_order(self) -> tuple | None:
-        return self.key[5]
+        return self.key[4]
+
+    @property
+    def children(self) -> dict[str, Any]:
+        return dict(self.key[5])
 
 
 def _walk(root: torch.nn.Module, prefix: str) -> list[_ModuleRecord]:
@@ -136,6 +146,27 @@ def _walk(root: torch.nn.Module, prefix: str) -> list[_ModuleRecord]:
     return out
 
 
+def _next_hook_id() -> int:
+    return RemovableHandle.next_id
+
+
+def _is_library_hook(hook: Any) -> bool:
+    return (getattr(hook, "__module__", None), getattr(hook, "__qualname__", None)) in _LIBRARY_LAZY_HOOKS
+
+
+def _drop_new_hooks(dicts: tuple[dict, ...], first_new: int) -> bool:
+    """Remove the hooks with handle ids >= ``first_new`` from ``dicts`` (one module's, or the global
+    ones), except a library's lazy hooks (:data:`_LIBRARY_LAZY_HOOKS`); whether any was removed.
+    The ``_with_kwargs``/``_always_called`` dicts map a hook's id to a flag: they follow the hook."""
+    functions = {key: hook for hooks in dicts for key, hook in hooks.items() if callable(hook)}
+    dropped = False
+    for hooks in dicts:
+        for key in [k for k in hooks if k >= first_new and not _is_library_hook(functions.get(k))]:
+            del hooks[key]
+            dropped = True
+    return dropped
+
+
 @dataclass
 class Fingerprint:
     """What :func:`encode_guard` compares: taken before the encode, checked after."""
@@ -144,7 +175,7 @@ class Fingerprint:
     components: dict[str, Any]
     configs: dict[str, Any]
     modules: list[_ModuleRecord]
-    global_hooks: tuple
+    next_hook_id: int
 
     @classmethod
     def take(cls, pipe: Any) -> Fingerprint:
@@ -156,7 +187,7 @@ class Fingerprint:
             if isinstance(comp, torch.nn.Module)
             for record in _walk(comp, name)
         ]
-        return cls(pipe, components, configs, modules, _global_hooks())
+        return cls(pipe, components, configs, modules, _next_hook_id())
 
     # -- compare and undo --------------------------------------------------------------------------
     def restore(self) -> tuple[list[str], list[str]]:
@@ -178,12 +209,13 @@ class Fingerprint:
                 comp._internal_dict = config
                 if changed:
                     undone.append(f"changed the config of {name!r} ({', '.join(changed)})")
-        if _global_hooks() != self.global_hooks:
-            for name, saved in zip(_GLOBAL_HOOKS, self.global_hooks, strict=True):
-                hooks = getattr(torch_module, name)
-                hooks.clear()
-                hooks.update(saved or {})
-            undone.append("registered a global torch module hook")
+        if _next_hook_id() != self.next_hook_id:  # some torch hook was registered, somewhere
+            global_dicts = tuple(getattr(torch_module, name) for name in _GLOBAL_HOOKS)
+            if _drop_new_hooks(global_dicts, self.next_hook_id):
+                undone.append("registered a global torch module hook")
+            for record in self.modules:
+                if _drop_new_hooks(_hook_dicts(record.module.__dict__), self.next_hook_id):
+                    undone.append(f"{record.path}: registered torch hooks")
         for record in self.modules:
             now = _key(record.module.__dict__)
             if now != record.key:  # the fast path: one flat tuple per module, compared
@@ -191,16 +223,12 @@ class Fingerprint:
         return undone, stuck
 
 
-def _global_hooks() -> tuple:
-    return tuple(getattr(torch_module, name).copy() or None for name in _GLOBAL_HOOKS)
-
-
 def _restore_module(before: _ModuleRecord, now: tuple, undone: list[str], stuck: list[str]) -> None:
     path, d = before.path, before.module.__dict__
     if now[0] != before.training:
         d["training"] = before.training
         undone.append(f"{path}: set training={now[0]}")
-    if now[4:6] != before.key[4:6]:
+    if now[3:5] != before.key[3:5]:
         _restore_registry(before, undone, stuck)
     if d.get("forward", _MISSING) is not before.forward:
         _put(d, "forward", before.forward)
@@ -208,11 +236,6 @@ def _restore_module(before: _ModuleRecord, now: tuple, undone: list[str], stuck:
     if d.get("processor", _MISSING) is not before.processor:
         _put(d, "processor", before.processor)
         undone.append(f"{path}: swapped the attention processor")
-    if now[3] != before.key[3] and not _only_library_hooks_added(d, before):
-        for hooks, saved in zip(_hook_dicts(d), before.hooks or [{}] * len(_HOOK_DICTS), strict=True):
-            hooks.clear()
-            hooks.update(saved)
-        undone.append(f"{path}: registered or removed torch hooks")
     for kind, saved in (("_modules", before.children), ("_parameters", before.parameters),
                         ("_buffers", before.buffers)):  # fmt: skip
         current = d[kind]
@@ -221,7 +244,7 @@ def _restore_module(before: _ModuleRecord, now: tuple, undone: list[str], stuck:
             current.clear()
             current.update(saved)
             undone.append(f"{path}: replaced {kind[1:]} {changed}")
-    states = before.key[8] + before.key[9]
+    states = before.key[6] + before.key[7]
     for (name, tensor), state in zip(
         (*before.parameters.items(), *before.buffers.items()), states, strict=True
     ):
@@ -232,33 +255,6 @@ def _restore_module(before: _ModuleRecord, now: tuple, undone: list[str], stuck:
             undone.append(f"{path}.{name}: set requires_grad={not state[3]}")
         if _tensor_state(tensor)[:3] != state[:3]:  # its version counter or its storage moved
             stuck.append(f"{path}.{name}: written in place")
-
-
-#: Hooks a library installs on a model the first time it is used in some way, and keeps: transformers 5
-#: puts an output-capturing forward hook on each layer the first time hidden states are requested
-#: (``transformers.utils.output_capturing``, marking the model ``_output_capturing_hooks_installed``).
-#: An encode that asks the pipeline's text encoder for hidden states first does exactly what the
-#: pipeline's own call would do; removing the hooks would leave the model marked but unhooked.
-_LIBRARY_LAZY_HOOKS = frozenset(
-    {("transformers.utils.output_capturing", "install_output_capuring_hook.<locals>.output_capturing_hook")}
-)
-
-
-def _only_library_hooks_added(d: dict[str, Any], before: _ModuleRecord) -> bool:
-    """Whether the module's hook dicts differ only by hooks of :data:`_LIBRARY_LAZY_HOOKS` added."""
-    saved_dicts = before.hooks or [{}] * len(_HOOK_DICTS)
-    for name, hooks, saved in zip(_HOOK_DICTS, _hook_dicts(d), saved_dicts, strict=True):
-        if any(key not in hooks for key in saved):
-            return False  # a hook was removed
-        for key, hook in hooks.items():
-            if key in saved:
-                continue
-            if name.endswith(("_with_kwargs", "_always_called")):
-                continue  # flags of a hook in the main dict, judged there
-            where = (getattr(hook, "__module__", None), getattr(hook, "__qualname__", None))
-            if where not in _LIBRARY_LAZY_HOOKS:
-                return False
-    return True
 
 
 def _put(d: dict, name: str, value: Any) -> None:

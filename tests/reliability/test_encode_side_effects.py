@@ -72,11 +72,11 @@ UNDOABLE: dict[str, tuple[Callable[[Any], Any], str]] = {
     "vae replaced": (lambda p: setattr(p, "vae", copy.deepcopy(p.vae)), r"replaced component 'vae'"),
     "torch forward hook": (
         lambda p: p.text_encoder.register_forward_hook(lambda m, a, o: None),
-        r"text_encoder: registered or removed torch hooks",
+        r"text_encoder: registered torch hooks",
     ),
     "torch forward pre-hook with kwargs": (
         lambda p: _attention(p).register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True),
-        r"attn: registered or removed torch hooks",
+        r"attn: registered torch hooks",
     ),
     "global torch hook": (
         lambda p: torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None),
