@@ -9,7 +9,10 @@ to a pipeline: a call holds the lock of every stateful component of its pipeline
 
 Deadlock freedom: each component's lock gets a sequence number when it is created, and a call
 acquires its locks in increasing sequence order, so all threads take any two locks in the same
-order. Locks are re-entrant (a template's ``encode`` may run the pipeline again on this thread).
+order. Locks are re-entrant (a template's ``encode`` may run the pipeline again on this thread). The
+one way around the order is a call made from inside another call on a pipeline with components the
+outer call does not hold (a template running some *other* pipeline): it takes those locks while
+holding the outer ones, so two threads doing that crosswise could wait on each other.
 """
 
 from __future__ import annotations
