@@ -164,7 +164,7 @@ class _NoState(BaseState):
         pass
 
 
-class _PerThreadContext(StateManager):
+class PerThreadContext(StateManager):
     """A StateManager whose cache context is per thread (a context variable).
 
     diffusers' ``cache_context`` stores the context on the hooks' state managers, i.e. on the shared
@@ -194,7 +194,7 @@ class _BranchHook(ModelHook):
         self.call = call
         self.adapter = adapter
         self.images = images
-        self.state_manager = _PerThreadContext()
+        self.state_manager = PerThreadContext()
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         if not self.call.active:

@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,24 +32,18 @@ from pydantic import BaseModel
 from .cache import TemplateCache
 from .context import CURRENT_CALL, CallState, EncodeContext, InjectionTarget
 from .errors import PluginError, TemplateInputError, UnsupportedError, validate_inputs
+from .guard import encode_guard
 from .injection import BranchTracker, Injection, compose_step_callbacks, registry_cache_guard
+from .locks import component_lock, pipeline_lock
 from .plugins import PluginHost, default_host
 
 TemplateSpec = Mapping[str, Any] | str | TemplateCache
 
-# One lock per denoiser module: injections hook into its submodules for a whole call, and two
-# pipelines may share one denoiser (``from_pipe``). Calls that inject into the same weights are
-# serialised; calls on different denoisers run in parallel.
-_denoiser_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
 
 def denoiser_lock(denoiser: Any) -> threading.RLock:
-    with _locks_guard:
-        lock = _denoiser_locks.get(denoiser)
-        if lock is None:
-            lock = _denoiser_locks[denoiser] = threading.RLock()
-        return lock
+    """The denoiser's own lock (held by every call through a pipeline with this denoiser, among the
+    locks of its other stateful components: ``locks.py``)."""
+    return component_lock(denoiser)
 
 
 def spec_list(specs: Any, argument: str) -> list[TemplateSpec]:
@@ -186,19 +179,27 @@ class TemplatePipeline:
         context = EncodeContext(
             pipe=self.pipe, adapter=self.adapter, template=resolved.name, negative=negative
         )
-        rep = self.plugins.call(
-            "template",
-            resolved.name,
-            "encode",
-            template=resolved.name,
-            inputs=resolved.inputs,
-            context=context,
-        )
-        if rep is None:
-            raise self._plugin_error("template", resolved.name, "encode returned nothing")
-        caches = self.plugins.call(
-            "template", resolved.name, "to_cache", template=resolved.name, representation=rep, context=context
-        )
+        info = self.plugins.info("template", resolved.name)
+        # The plugin gets the pipeline to read it; whatever it changed is undone and refused (guard.py).
+        with encode_guard(self.pipe, plugin=resolved.name, distribution=info.distribution if info else None):
+            rep = self.plugins.call(
+                "template",
+                resolved.name,
+                "encode",
+                template=resolved.name,
+                inputs=resolved.inputs,
+                context=context,
+            )
+            if rep is None:
+                raise self._plugin_error("template", resolved.name, "encode returned nothing")
+            caches = self.plugins.call(
+                "template",
+                resolved.name,
+                "to_cache",
+                template=resolved.name,
+                representation=rep,
+                context=context,
+            )
         if isinstance(caches, TemplateCache):
             caches = [caches]
         if (
@@ -280,11 +281,11 @@ class TemplatePipeline:
             bound = inspect.signature(self.pipe.__call__).bind_partial(*args, **kwargs)
             args, kwargs = (), dict(bound.arguments)
         call = CallState(kwargs=dict(kwargs), extras={"lora_fusion": self.lora_fusion})
-        # Encoding runs under the lock too: template models may run the pipeline's VAE and text
+        # Encoding runs under the locks too: template models may run the pipeline's VAE and text
         # encoders, and some keep per-call state on their modules (Qwen-Image's VAE caches).
-        with denoiser_lock(self.adapter.denoiser):
+        with pipeline_lock(self.pipe, self.adapter.denoiser):
             injections = self.prepare(templates or (), negative_templates or (), call)
-            if not injections:  # still serialised: it shares the scheduler and tokenizers
+            if not injections:  # still serialised: the scheduler and tokenizers keep per-call state
                 return self.pipe(*args, **kwargs)
 
             def update(injection: Injection) -> None:  # right after each apply, as before the refactor
@@ -313,7 +314,7 @@ class TemplatePipeline:
         """Inject templates for direct denoiser calls made inside the block (training, custom samplers).
 
         ``with pipe.injecting(templates=[...]) as call: pipe.transformer(...)``: the same steps 1-4
-        and guarantees as ``__call__`` (validated before anything is patched; the denoiser lock held;
+        and guarantees as ``__call__`` (validated before anything is patched; the pipeline's locks held;
         every change undone exactly on exit, also on exceptions), but no pipeline call. A denoiser call
         outside ``transformer.cache_context("uncond")`` counts as the conditional branch (or as the
         yielded ``call.fixed_layout`` says, e.g. ``BatchLayout.cfg(n)``). Tensors of
@@ -325,7 +326,7 @@ class TemplatePipeline:
         latent_mask, init_latents, guidance, residual) need ``__call__`` and are refused here.
         """
         call = CallState(kwargs=dict(call_kwargs or {}), direct=True)
-        with denoiser_lock(self.adapter.denoiser):
+        with pipeline_lock(self.pipe, self.adapter.denoiser):
             injections = self.prepare(templates or (), negative_templates or (), call)
             for injection in injections:
                 if injection.step_tensor_inputs or (

@@ -319,6 +319,8 @@ class _GuidanceHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         output = self.fn_ref.original_forward(*args, **kwargs)
+        if not self.injection.target.call.active:  # another thread's call of the same denoiser
+            return output
         return self.injection.correct(args, kwargs, output)
 
 

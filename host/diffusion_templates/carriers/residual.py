@@ -40,13 +40,12 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..cache import TemplateCache
 from ..context import BatchLayout, InjectionTarget
 from ..errors import CacheError, UnsupportedError
-from ..injection import HookSet, Injection, denoiser_layout, unique_hook_name
+from ..injection import HookSet, Injection, PerThreadContext, denoiser_layout, unique_hook_name
 from ..limits import check_magnitudes, check_number, max_conditioning_scale, max_residual_magnitude
 from .base import Carrier, joined_template_names
 
@@ -325,11 +324,6 @@ class _Contribution(NamedTuple):
     repeat: bool
 
 
-class _NoState(BaseState):
-    def reset(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
@@ -351,10 +345,13 @@ class _ResidualHook(ModelHook):
     def __init__(self, injection: ResidualInjection):
         super().__init__()
         self.injection = injection
-        self.state_manager = StateManager(_NoState)
+        # Per thread: a bare call's ``cache_context`` in another thread must not move our branch.
+        self.state_manager = PerThreadContext()
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        context = self.state_manager._context
+        if not self.injection.target.call.active:  # another thread's call of the same denoiser
+            return args, kwargs
+        context = self.state_manager.current
         uncond = context is not None and context.name == "uncond"
         return (), self.injection.call_kwargs(module, args, kwargs, uncond)
 
