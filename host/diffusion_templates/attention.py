@@ -173,7 +173,8 @@ class AttentionPoint:
             }
             self._wrapper_class = type(type(original).__name__, (type(original),), namespace)
             self._wrapper_for = type(original)
-            self._names = _code_names(call.__code__) | {"__builtins__", "__name__"}
+            # No ``__name__``: dynamo would read a globals dict with one as that module's own globals.
+            self._names = _code_names(call.__code__) | {"__builtins__"}
         self._refresh_globals(call.__globals__, kind)
         if self._wrapper is None or self._original is not original:
             self._wrapper = object.__new__(self._wrapper_class)
