@@ -2,18 +2,20 @@
 
 Design: an *attention point* per attention module. While a call needs it, the module's processor is
 replaced by a wrapper that runs the original processor's own ``__call__`` code (a function rebuilt
-from the same code object, defaults and closure) over a small globals dict of the point's, in which
-the attention function that code calls is the point's:
+from the same code object, defaults and closure) over a globals dict of its own, in which the
+attention function that code calls is an injecting one:
 
 * ``dispatch``: FLUX.1, FLUX.2 and Qwen-Image processors call ``dispatch_attention_fn`` with RoPE'd
-  (B, L, heads, head_dim) tensors; in the point's globals that name is :meth:`AttentionPoint.dispatch`,
-  which calls the module's live ``dispatch_attention_fn`` (so a backend another library wrapped in
-  ``_AttentionBackendRegistry`` is still the one used).
+  (B, L, heads, head_dim) tensors and ``backend=self._attention_backend``. One rebuilt code per
+  processor class; the wrapper's ``_attention_backend`` is a :class:`_PointBackend` carrying the
+  point, the processor's own backend and the module's live ``dispatch_attention_fn``, which the
+  injecting function calls (so a backend another library wrapped in ``_AttentionBackendRegistry`` is
+  still the one used). Sharing the code keeps a regionally compiled block one graph for all blocks.
 * ``sdpa``: SD3's and the UNet's processors (``attention_processor.py``) call
-  ``F.scaled_dot_product_attention`` on (B, heads, L, head_dim) tensors; in the point's globals ``F``
-  is a namespace holding the live ``F``'s attributes, ``scaled_dot_product_attention`` being the
-  point's, which calls the live ``F``'s (a proxy another library installed on
-  ``attention_processor.F`` keeps being used).
+  ``F.scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, L, head_dim) tensors, with
+  nothing that could carry the point: one rebuilt code per point, whose ``F`` is a namespace holding
+  the live ``F``'s attributes, ``scaled_dot_product_attention`` being the point's, which calls the
+  live ``F``'s (a proxy another library installed on ``attention_processor.F`` keeps being used).
 
 Why this design: the output is bit-identical to diffusers' processor (the same code runs), nothing
 process-wide is replaced (no registry entry, no module attribute of diffusers or torch), the
@@ -66,7 +68,6 @@ def _known_processors() -> dict[type, Kind]:
 
 #: Processor classes (exact types) whose attention call the host reaches, and through which function.
 PROCESSORS: dict[type, Kind] = _known_processors()
-_GLOBAL_NAME: dict[Kind, str] = {"dispatch": "dispatch_attention_fn", "sdpa": "F"}
 
 
 class Owner(Protocol):
@@ -132,6 +133,57 @@ class _Functional:
 _MISSING = object()
 
 
+@dataclass(frozen=True, eq=False)
+class _PointBackend:
+    """What a dispatch processor's wrapper passes as ``backend``: the processor's own backend, the
+    point to inject through and the live ``dispatch_attention_fn`` to call."""
+
+    point: AttentionPoint
+    backend: Any
+    inner: Callable[..., Any]
+
+
+def _dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+    """``dispatch_attention_fn`` in the globals of every rebuilt dispatch processor's code."""
+    via: _PointBackend = kwargs.pop("backend")
+    return via.point._attend(via.inner, query, key, value, args, {**kwargs, "backend": via.backend}, 1)
+
+
+class _Rebuilt:
+    """A processor class's ``__call__`` rebuilt over a globals dict of its own, and the wrapper class
+    (a subclass of the processor's, so class attributes and ``isinstance`` see the original)."""
+
+    def __init__(self, cls: type) -> None:
+        call = cls.__call__
+        self.globals: dict[str, Any] = {}
+        rebuilt = types.FunctionType(
+            call.__code__, self.globals, call.__name__, call.__defaults__, call.__closure__
+        )
+        rebuilt.__kwdefaults__ = call.__kwdefaults__
+        rebuilt.__qualname__ = call.__qualname__
+        rebuilt.__annotations__ = dict(call.__annotations__)
+        namespace = {"__call__": rebuilt, "_dt_point_wrapper": True, "__module__": cls.__module__}
+        self.wrapper_class = type(cls.__name__, (cls,), namespace)
+        self.live = call.__globals__
+        # No ``__name__``: dynamo would read a globals dict with one as that module's own globals.
+        self.names = _code_names(call.__code__) | {"__builtins__"}
+
+    def refresh(self, replace: dict[str, Any]) -> None:
+        """Make the globals equal the module's live ones for the names the code reads, ``replace``
+        overriding; entries are written only when they changed (the dict stays the same object)."""
+        for name in self.names:
+            value = replace.get(name, self.live.get(name, _MISSING))
+            if value is _MISSING:
+                self.globals.pop(name, None)
+            elif self.globals.get(name, _MISSING) is not value:
+                self.globals[name] = value
+
+
+#: Dispatch processors share one rebuilt code per class (the point travels in ``backend``), so a
+#: regionally compiled block (``compile_repeated_blocks``) is one graph for all its instances.
+_shared: dict[type, _Rebuilt] = {}
+
+
 class AttentionPoint:
     """The attention call of one attention module, reachable while something is attached."""
 
@@ -143,11 +195,9 @@ class AttentionPoint:
         self._users = 0
         self._original: Any = None
         self._wrapper: Any = None
-        self._wrapper_for: type | None = None
-        self._globals: dict[str, Any] = {}
+        self._own: _Rebuilt | None = None  # SDPA processors: F has no argument to carry the point
         self._functional = _Functional()
-        # Bound once: the same objects in the point's globals at every install (torch.compile guards).
-        self._dispatch_fn = self.dispatch
+        # Bound once: the same object in the point's namespace at every install (torch.compile guards).
         self._sdpa_fn = self.sdpa
         self._inner: Callable[..., Any] | None = None
 
@@ -156,58 +206,40 @@ class AttentionPoint:
         module = self._module()
         original = module.__dict__.get("processor")
         check_layer(self.name, module, what="attention point")
-        kind = PROCESSORS[type(original)]
-        call = type(original).__call__
-        if self._wrapper_for is not type(original):
-            self._globals = {}
-            rebuilt = types.FunctionType(
-                call.__code__, self._globals, call.__name__, call.__defaults__, call.__closure__
-            )
-            rebuilt.__kwdefaults__ = call.__kwdefaults__
-            rebuilt.__qualname__ = call.__qualname__
-            rebuilt.__annotations__ = dict(call.__annotations__)
-            namespace = {
-                "__call__": rebuilt,
-                "_dt_point_wrapper": True,
-                "__module__": type(original).__module__,
-            }
-            self._wrapper_class = type(type(original).__name__, (type(original),), namespace)
-            self._wrapper_for = type(original)
-            # No ``__name__``: dynamo would read a globals dict with one as that module's own globals.
-            self._names = _code_names(call.__code__) | {"__builtins__"}
-        self._refresh_globals(call.__globals__, kind)
-        if self._wrapper is None or self._original is not original:
-            self._wrapper = object.__new__(self._wrapper_class)
-        wrapper = self._wrapper
+        cls = type(original)
         state = dict(original.__dict__)
         state["_dt_original"] = original
+        if PROCESSORS[cls] == "dispatch":
+            with _lock:
+                rebuilt = _shared.get(cls)
+                if rebuilt is None:
+                    rebuilt = _shared[cls] = _Rebuilt(cls)
+                rebuilt.refresh({"dispatch_attention_fn": _dispatch})
+            previous = self._wrapper.__dict__.get("_attention_backend") if self._wrapper is not None else None
+            via = _PointBackend(self, original._attention_backend, rebuilt.live["dispatch_attention_fn"])
+            if previous is not None and previous.backend is via.backend and previous.inner is via.inner:
+                via = previous  # the same object as last time: no new guard for torch.compile
+            state["_attention_backend"] = via
+        else:
+            if self._own is None or not issubclass(self._own.wrapper_class, cls):
+                self._own = _Rebuilt(cls)
+            rebuilt = self._own
+            live_f = rebuilt.live["F"]
+            self._inner = live_f.scaled_dot_product_attention
+            self._refresh_functional(rebuilt.names, live_f)
+            rebuilt.refresh({"F": self._functional})
+        if self._wrapper is None or type(self._wrapper) is not rebuilt.wrapper_class:
+            self._wrapper = object.__new__(rebuilt.wrapper_class)
+        wrapper = self._wrapper
         if wrapper.__dict__ != state:
             wrapper.__dict__.clear()
             wrapper.__dict__.update(state)
         self._original = original
         module.processor = wrapper
 
-    def _refresh_globals(self, live: dict[str, Any], kind: Kind) -> None:
-        """Make the point's globals equal the module's live ones for the names the code reads, the
-        attention function being the point's; entries are written only when they changed."""
-        target = _GLOBAL_NAME[kind]
-        for name in self._names:
-            value = live.get(name, _MISSING)
-            if name == target:
-                self._inner = value.scaled_dot_product_attention if kind == "sdpa" else value
-                if kind == "sdpa":
-                    self._refresh_functional(value)
-                    value = self._functional
-                else:
-                    value = self._dispatch_fn
-            if value is _MISSING:
-                self._globals.pop(name, None)
-            elif self._globals.get(name, _MISSING) is not value:
-                self._globals[name] = value
-
-    def _refresh_functional(self, live_f: Any) -> None:
+    def _refresh_functional(self, names: set[str], live_f: Any) -> None:
         space = self._functional.__dict__
-        for name in self._names:
+        for name in names:
             value = (
                 self._sdpa_fn if name == "scaled_dot_product_attention" else getattr(live_f, name, _MISSING)
             )
@@ -261,16 +293,10 @@ class AttentionPoint:
         return self._users > 0
 
     # -- the attention call ----------------------------------------------------------------------
-    def dispatch(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
-    ):
-        return self._attend(query, key, value, args, kwargs, seq_dim=1)
-
     def sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        return self._attend(query, key, value, args, kwargs, seq_dim=2)
+        return self._attend(self._inner, query, key, value, args, kwargs, seq_dim=2)
 
-    def _attend(self, query, key, value, args: tuple, kwargs: dict[str, Any], seq_dim: int):
-        inner = self._inner
+    def _attend(self, inner, query, key, value, args: tuple, kwargs: dict[str, Any], seq_dim: int):
         # dynamo cannot trace a ContextVar read; while it traces, the denoiser lock makes every
         # attachment this call's own.
         tracing = torch.compiler.is_compiling()
