@@ -87,6 +87,20 @@ def test_compile_repeated_blocks_flux2():
     _check_compiled("flux2_klein", lambda pipe: pipe.transformer.compile_repeated_blocks(backend="aot_eager"))
 
 
+def test_repeated_blocks_compile_once_per_block_class_not_per_block():
+    """Every block of a class shares the wrapper's code (the point travels in ``backend``): the first
+    kv call compiles one graph per block class and CFG branch, however many blocks there are."""
+    pipe = TINY_PIPELINES["flux2_klein"].build()
+    transformer = pipe.transformer
+    assert len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks) > 2
+    transformer.compile_repeated_blocks(backend="aot_eager")
+    tp = TemplatePipeline(pipe)
+    _call(pipe, "flux2_klein")
+    frames = _frames()
+    _call(tp, "flux2_klein", templates=[_kv(4)])
+    assert _frames() - frames <= len(transformer._repeated_blocks) * 2
+
+
 def test_kv_call_adds_at_most_the_branch_trackers_graph_break():
     """The attention points add no graph break: dynamo traces the wrapper processors. The one break
     of a templated call on a whole-model compile is the CFG branch tracker's ContextVar read at the
