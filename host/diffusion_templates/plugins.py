@@ -330,7 +330,9 @@ class PluginHost:
             tried.append(f"{name} ({', '.join(adapter_cls.denoiser_classes)})")
             if adapter_cls.matches(pipe):
                 return adapter_cls(pipe)
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        from .backbones.base import unwrap_compiled
+
+        denoiser = unwrap_compiled(getattr(pipe, "transformer", None) or getattr(pipe, "unet", None))
         raise UnsupportedError(
             f"{type(pipe).__name__} with denoiser {type(denoiser).__name__} is not supported by any "
             "installed "

@@ -23,9 +23,9 @@ attend to the stored K/V. This module computes the same K/V, outside any pipelin
    themselves and are modulated with the fixed timestep, so their K/V do not depend on the prompt or
    on the noisy tokens: running them alone gives the same K/V (equal to float rounding; the test
    compares with the ``Flux2KVCache`` the pipeline extracts). Each attention layer's own K/V are
-   read at the attention call (``attention.capture_kv``, the K/V interception's read side), after
-   RoPE, while a diffusers hook (:class:`~diffusion_templates.injection.HookSet`) on each attention
-   module tells the recorder which layer is running. Everything is removed afterwards, exactly.
+   read at that module's attention call, after RoPE, by a recorder attached to its attention point
+   (``attention.py``, the mechanism the kv carrier injects through). Each processor is put back
+   afterwards, exactly.
 
 Backbones: ``flux2`` (proved against ``Flux2KleinKVPipeline``), ``flux`` (same construction;
 diffusers has no FLUX.1 KV pipeline to compare with: FLUX.1 Kontext recomputes its reference tokens at
@@ -46,13 +46,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import ModelHook
 from PIL import Image
 
 from . import imaging
-from .attention import attention_interception, capture_kv
+from .attention import check_layer, point_for
 from .errors import CacheError, UnsupportedError
-from .injection import HookSet, registry_cache_guard, unique_hook_name
 
 __all__ = [
     "MAX_AREA",
@@ -251,29 +249,17 @@ def reference_tokens(adapter: Any, image: Any, *, index: int = 0) -> ReferenceTo
 
 # --------------------------------------------------------------------------- capture
 
-#: Per-layer records of the capture running in this thread/task (None: no capture here).
-_RECORDS: ContextVar[dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None] = ContextVar(
-    "dt_reference_records", default=None
-)
 
+class _CaptureOwner:
+    """The capture running in this thread/task: a bare call of the same modules in another thread
+    passes through the attention points without being recorded."""
 
-class _CaptureHook(ModelHook):
-    """Tells the attention interception which layer's K/V the next attention call carries."""
+    def __init__(self) -> None:
+        self._running: ContextVar[bool] = ContextVar("dt_reference_capture", default=False)
 
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        records = _RECORDS.get()
-        if records is None:  # another thread's call of the same modules
-            return self.fn_ref.original_forward(*args, **kwargs)
-
-        def record(key: torch.Tensor, value: torch.Tensor) -> None:
-            records[self.name].append((key.detach().clone(), value.detach().clone()))
-
-        with capture_kv(record):
-            return self.fn_ref.original_forward(*args, **kwargs)
+    @property
+    def active(self) -> bool:
+        return self._running.get()
 
 
 def capture_attention_kv(
@@ -281,10 +267,11 @@ def capture_attention_kv(
 ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Run ``run()`` with every attention layer's own K/V recorded: ``{layer: [(key, value), ...]}``.
 
-    Keys and values are (B, L, heads, head_dim), after RoPE, one pair per attention call of that layer.
-    The hooks, the attention wrappers and diffusers' registry caches are put back exactly afterwards,
-    also when ``run`` raises; the denoiser's lock is held meanwhile, so no templated call of the same
-    denoiser runs with the hooks in place (bare calls from other threads pass through them).
+    Keys and values are (B, L, heads, head_dim), after RoPE, one pair per attention call of that layer,
+    read at each layer's attention point (``attention.py``, the same per-module mechanism the kv
+    carrier injects through). The processors are put back exactly afterwards, also when ``run``
+    raises; the denoiser's lock is held meanwhile, so no templated call of the same denoiser runs
+    meanwhile (bare calls from other threads pass through unrecorded).
     """
     from .pipeline import denoiser_lock
 
@@ -293,19 +280,22 @@ def capture_attention_kv(
     unknown = sorted(set(names) - set(available))
     if unknown:
         raise CacheError(f"backbone {adapter.name!r} has no attention layers {unknown}")
+    for name in names:  # before running anything: a layer the host cannot read would record nothing
+        check_layer(name, available[name].module, what=f"reference capture on {adapter.name!r}")
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
-    denoiser = adapter.denoiser
-    hooks = HookSet()
+    owner = _CaptureOwner()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(denoiser_lock(denoiser))
-        stack.enter_context(registry_cache_guard(denoiser))
-        stack.enter_context(attention_interception())
-        token = _RECORDS.set(records)
-        stack.callback(_RECORDS.reset, token)
-        stack.callback(hooks.remove_all)
-        hook_name = unique_hook_name("reference")
+        stack.enter_context(denoiser_lock(adapter.denoiser))
         for name in names:
-            hooks.add(available[name].module, _CaptureHook(name), hook_name)
+            point = point_for(available[name].module, name)
+
+            def record(key: torch.Tensor, value: torch.Tensor, calls=records[name]) -> None:
+                calls.append((key.detach().clone(), value.detach().clone()))
+
+            stack.callback(point.detach_recorder, record)
+            point.attach_recorder(record, owner)
+        token = owner._running.set(True)
+        stack.callback(owner._running.reset, token)
         with torch.no_grad():
             run()
     return records
@@ -428,7 +418,8 @@ def to_reference_picture(value: Any) -> Image.Image:
                 if opened.size[0] * opened.size[1] > REFERENCE_MAX_PIXELS:
                     width, height = opened.size
                     raise ValueError(
-                        f"{str(path)!r} is {width}x{height}, more than {REFERENCE_MAX_PIXELS} pixels")
+                        f"{str(path)!r} is {width}x{height}, more than {REFERENCE_MAX_PIXELS} pixels"
+                    )
                 opened.load()
                 value = opened.convert("RGB") if opened.mode not in REFERENCE_MODES else opened.copy()
         except ValueError:
@@ -467,5 +458,6 @@ def to_reference_picture(value: Any) -> Image.Image:
         raise ValueError(f"image is {width}x{height}; both sides must be at least {REFERENCE_MIN_SIDE} px")
     if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
         raise ValueError(
-            f"image is {width}x{height}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT}:1")
+            f"image is {width}x{height}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT}:1"
+        )
     return image

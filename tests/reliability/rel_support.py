@@ -53,8 +53,8 @@ def global_state_problems() -> list[str]:
     from diffusion_templates.context import CURRENT_CALL
 
     problems = []
-    if attention._users or attention._originals:
-        problems.append(f"attention interception still has {attention._users} user(s)")
+    if attention.installed_points():
+        problems.append(f"attention points still installed: {[p.name for p in attention.installed_points()]}")
     if attention_processor.F is not torch.nn.functional:
         problems.append("diffusers' attention_processor.F is still the proxy")
     wrapped = [
@@ -64,8 +64,6 @@ def global_state_problems() -> list[str]:
         problems.append(f"attention backends still wrapped: {wrapped}")
     if CURRENT_CALL.get() is not None:
         problems.append("CURRENT_CALL is still set in this thread")
-    if attention.EXTRA_KV.get():
-        problems.append("EXTRA_KV is still set in this thread")
     return problems
 
 

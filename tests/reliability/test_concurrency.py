@@ -1,9 +1,10 @@
 """Concurrent calls: every result equals the same call made alone, bit for bit.
 
 Per-call template state lives in the call (``CallState`` behind the ``CURRENT_CALL`` context
-variable, extra K/V in the ``EXTRA_KV`` context variable), never in shared module state; the hooks
-that a call installs on shared modules act only inside that call. Threads run a random mix of
-template sets (none, kv, lora, both; on the conditional or the unconditional branch; two seeds):
+variable; each extra K/V an attention point holds names its ``CallState``), never in shared module
+state; the hooks and processor wrappers that a call installs on shared modules act only inside that
+call. Threads run a random mix of template sets (none, kv, lora, both; on the conditional or the
+unconditional branch; two seeds):
 
 (a) 8 threads share one ``TemplatePipeline``;
 (b) 8 threads each wrap their own ``from_pipe`` pipeline (same modules, same weights);

@@ -3,8 +3,9 @@
 Each faulted call raises from one place chosen at random:
 
 * ``template``      a template plugin fails (test-flaky: in ``encode``, in ``to_cache``, wrong type);
-* ``hook_install``  installing the n-th hook of the call fails (``HookSet.add`` raises before or
-                    after registering it): the kv/lora injections are left half applied;
+* ``hook_install``  installing the n-th hook or attention point of the call fails (``HookSet.add``
+                    or ``AttentionPoint.attach`` raises before or after installing it): the kv/lora
+                    injections are left half applied;
 * ``carrier_*``     a test-only carrier raises in ``inject``, halfway through ``apply`` (after some
                     of its hooks are installed), in ``update_call_kwargs`` or in ``on_step_end``;
 * ``user_callback`` the user's ``callback_on_step_end`` raises at a random step;
@@ -32,6 +33,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from diffusion_templates import Carrier, Injection, PluginError, TemplateCache, TemplatePipeline
+from diffusion_templates.attention import AttentionPoint
 from diffusion_templates.injection import HookSet, unique_hook_name
 from diffusion_templates.plugins import PluginHost
 from diffusion_templates.testing.snapshot import pipeline_state, state_differences
@@ -267,6 +269,18 @@ def _faulted_call(rng: random.Random, bench: Bench, site: str, monkeypatch: pyte
                 raise error()
 
         monkeypatch.setattr(HookSet, "add", add)
+        # the kv carrier installs through attention points (processor wrappers), not hooks
+        original_attach = AttentionPoint.attach
+
+        def attach(self, entry):
+            seen.append(self.name)
+            if len(seen) == fail_at and not after:
+                raise error()
+            original_attach(self, entry)
+            if len(seen) == fail_at:
+                raise error()
+
+        monkeypatch.setattr(AttentionPoint, "attach", attach)
     elif site.startswith("carrier_"):
         fail_in = CARRIER_FAULTS[site]
         insert(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -10,6 +11,16 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..context import BatchLayout
+
+
+def unwrap_compiled(module: Any) -> Any:
+    """The module a ``torch.compile(module)`` wrapper (dynamo's ``OptimizedModule``) runs; ``module``
+    itself otherwise. Hooks and processors go on that inner module: the wrapper calls it."""
+    # Without torch._dynamo imported no OptimizedModule can exist (and importing it costs seconds).
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 @dataclass(frozen=True)
@@ -41,14 +52,15 @@ class BackboneAdapter:
 
     @classmethod
     def matches(cls, pipe: Any) -> bool:
-        denoiser = getattr(pipe, cls.denoiser_attr, None)
+        denoiser = unwrap_compiled(getattr(pipe, cls.denoiser_attr, None))
         if denoiser is None:
             return False
         return any(klass.__name__ in cls.denoiser_classes for klass in type(denoiser).__mro__)
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.denoiser_attr)
+        """The denoiser module itself (inside a ``torch.compile`` wrapper, when there is one)."""
+        return unwrap_compiled(getattr(self.pipe, self.denoiser_attr))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,17 +10,16 @@ that cache's tokens.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from diffusers.hooks import ModelHook
 from pydantic import model_validator
 
-from ..attention import Segment, attention_interception, extra_kv
+from ..attention import AttentionPoint, KVEntry, check_layer, point_for
 from ..cache import TemplateCache
-from ..context import Branch, CallState, InjectionTarget
+from ..context import InjectionTarget
 from ..errors import CacheError, CarrierConflictError
-from ..injection import HookSet, Injection, unique_hook_name
+from ..injection import Injection
 from ..limits import check_kv_tokens, check_magnitudes, max_kv_magnitude, max_kv_tokens
 from .base import Carrier, joined_template_names
 
@@ -62,27 +61,6 @@ class KVCache(TemplateCache):
         check_magnitudes(self.describe, fields, max_kv_magnitude(), "DT_MAX_KV_MAGNITUDE")
 
 
-class _ExtraKVHook(ModelHook):
-    """Makes one attention module's attention call see extra K/V (in one CFG branch)."""
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, branch: Branch, call: CallState):
-        super().__init__()
-        self.key, self.value, self.branch, self.call = key, value, branch, call
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        branch = self.call.branch
-        if not self.call.active:  # another thread's call of the same modules
-            return self.fn_ref.original_forward(*args, **kwargs)
-        if branch == "batched":  # [uncond, cond] in one batch: our half only
-            segment = Segment(self.key, self.value, half=self.branch)
-        elif branch == self.branch:
-            segment = Segment(self.key, self.value)
-        else:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        with extra_kv(segment):
-            return self.fn_ref.original_forward(*args, **kwargs)
-
-
 def _first_parameter(module: torch.nn.Module) -> torch.Tensor:
     """``next(module.parameters())`` (the same parameter: depth first, own parameters first)
     without building torch's generator chain, a few µs per attention layer and call."""
@@ -103,30 +81,31 @@ def _first_parameter_or_none(module: torch.nn.Module) -> torch.Tensor | None:
 
 
 class KVInjection(Injection):
+    """Attaches each layer's K/V to that module's attention point (``attention.py``) for one call.
+
+    The K/V reach the rows of ``target.branch`` in each denoiser call (``call.layout``): the whole
+    batch when the call computes that branch only, its rows (the batch split at the attention call)
+    with batched CFG, nothing when the call has no such rows.
+    """
+
     def __init__(
         self, layers: dict[str, tuple[torch.nn.Module, torch.Tensor, torch.Tensor]], target: InjectionTarget
     ):
         self.layers = layers
         self.target = target
-        self.hooks = HookSet()
-        self._interception = None
+        self._attached: list[tuple[AttentionPoint, KVEntry]] = []
 
     def apply(self) -> None:
-        self._interception = attention_interception()
-        self._interception.__enter__()
-        try:
-            name = unique_hook_name(f"kv.{self.target.branch}")
-            for module, key, value in self.layers.values():
-                self.hooks.add(module, _ExtraKVHook(key, value, self.target.branch, self.target.call), name)
-        except BaseException:
-            self.remove()
-            raise
+        for name, (module, key, value) in self.layers.items():
+            point = point_for(module, name)
+            entry = KVEntry(key, value, self.target.branch, self.target.call)
+            self._attached.append((point, entry))  # first: remove() undoes an attach that raised late
+            point.attach(entry)
 
     def remove(self) -> None:
-        self.hooks.remove_all()
-        if self._interception is not None:
-            interception, self._interception = self._interception, None
-            interception.__exit__(None, None, None)
+        while self._attached:
+            point, entry = self._attached.pop()
+            point.detach(entry)
 
 
 class KVCarrier(Carrier):
@@ -187,6 +166,8 @@ class KVCarrier(Carrier):
                     f"{tuple(k.shape[2:])}, the {target.adapter.name!r} layer expects "
                     f"({layer.heads}, {layer.head_dim})"
                 )
+            # Before denoising: a processor whose attention call the host cannot reach would ignore the K/V.
+            check_layer(name, layer.module, what=f"kv cache from template {cache.template!r}")
             param = _first_parameter(layer.module)
             cast = {"device": param.device, "dtype": param.dtype}
             layers[name] = (layer.module, k.to(**cast), cache.values[name].to(**cast))
