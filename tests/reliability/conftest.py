@@ -30,3 +30,19 @@ def _one_torch_thread():
     """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine they cost 10x."""
     with rel_support.single_torch_thread():
         yield
+
+
+_passed_cases: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count passed test cases per file (``cases.<file>``): the report's rows for suites whose every
+    case is one attack (store, values, discovery, encode side effects)."""
+    if report.when == "call" and report.passed:
+        stem = Path(report.nodeid.split("::")[0]).stem
+        _passed_cases[stem] = _passed_cases.get(stem, 0) + 1
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    counts = rel_support.Tally({f"cases.{stem}": n for stem, n in _passed_cases.items()})
+    counts.write()

@@ -59,7 +59,9 @@ def render(counts: dict[str, int], summary: str, scale: float) -> str:
             concurrent,
             f"8 threads: one shared TemplatePipeline {c('concurrency.shared_template_pipeline', 0)}, "
             f"`from_pipe` pipelines {c('concurrency.from_pipe_pipelines', 0)}, bare calls beside templated "
-            f"calls {c('concurrency.bare_beside_templated', 0)}; every result bit-equal to the same call "
+            f"calls {c('concurrency.bare_beside_templated', 0)}; every carrier beside bare calls "
+            f"{c('concurrency.every_carrier_beside_bare', 0)}; pipelines sharing only a scheduler "
+            f"{c('concurrency.shared_scheduler_pipelines', 0)}; every result bit-equal to the same call "
             "made alone",
         ),
         (
@@ -80,6 +82,31 @@ def render(counts: dict[str, int], summary: str, scale: float) -> str:
             "files scanned: no pickle, no `torch.load` without `weights_only=True`",
         ),
         ("Oversized template sets refused", c("bounds.refused", 0), "merged K/V length and LoRA rank bounds"),
+        (
+            "Cache-store attacks (cases)",
+            c("cases.test_store_attacks", 0),
+            "hostile and garbage indexes, foreign files, FIFOs, symlinks, flipped or truncated bytes, "
+            "interrupted writes, keys across `PYTHONHASHSEED`, fine-tunes, in-place weight edits, rewritten "
+            "LoRA files: each a miss, nothing outside the store's own entries read or deleted",
+        ),
+        (
+            "Out-of-bound values refused (cases)",
+            c("cases.test_value_bounds", 0),
+            "NaN/Inf/huge tensors and numbers from encodes, cache files, LoRA files and metadata, masks "
+            "outside [0, 1], start/end windows: refused before denoising, pipeline unchanged",
+        ),
+        (
+            "Broken distributions isolated (cases)",
+            c("cases.test_discovery_attacks", 0),
+            "no `Name`, undecodable METADATA, bad entry points, `sys.exit`/KeyboardInterrupt at import: "
+            "reported for that plugin, `dt list`/`dt doctor` print their report, a real Ctrl-C propagates",
+        ),
+        (
+            "Encode side effects refused (cases)",
+            c("cases.test_encode_side_effects", 0),
+            f"a plugin's encode that trains, hooks, swaps processors, rewrites configs or weights: refused "
+            f"naming the plugin ({c('encode_guard.refused_and_undone', 0)} changes undone first)",
+        ),
         (
             "Plugin failures isolated",
             c("plugins.failures_isolated", 0),
