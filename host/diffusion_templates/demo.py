@@ -87,15 +87,11 @@ def _load_folder_or_hub(base: str, allow_pickle: bool) -> Any:
 
     from .pickle_guard import from_pretrained
 
-    folder = Path(base).expanduser()
-    if not folder.exists() and not _HUB_ID.match(base):
-        raise UsageError(f"--base {base!r}: no such folder (give a diffusers pipeline folder or a hub id)")
-    if folder.exists() and not (folder / "model_index.json").is_file():
-        raise UsageError(f"--base {base!r}: not a diffusers pipeline folder (it has no model_index.json)")
+    source = check_base(base)
     try:
         return from_pretrained(
             DiffusionPipeline.from_pretrained,
-            str(folder) if folder.exists() else base,
+            source,
             allow_pickle=allow_pickle,
             low_cpu_mem_usage=_accelerate(),
         )
@@ -103,6 +99,21 @@ def _load_folder_or_hub(base: str, allow_pickle: bool) -> Any:
         raise
     except (OSError, ValueError) as exc:  # not on the hub, offline, missing files: diffusers says which
         raise UsageError(f"--base {base!r}: could not load a diffusers pipeline: {exc}") from None
+
+
+def check_base(base: str) -> str:
+    """``--base`` as ``from_pretrained`` takes it (a folder or a hub id), or a :class:`UsageError`
+    before anything loads: a path that does not exist, a folder that is no diffusers pipeline."""
+    folder = Path(base).expanduser()
+    if not folder.exists():
+        if not _HUB_ID.match(base):
+            raise UsageError(
+                f"--base {base!r}: no such folder (give a diffusers pipeline folder or a hub id)"
+            )
+        return base
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"--base {base!r}: not a diffusers pipeline folder (it has no model_index.json)")
+    return str(folder)
 
 
 def _accelerate() -> bool:
@@ -313,6 +324,8 @@ def generate(args: argparse.Namespace) -> int:
     from .pipeline import TemplatePipeline
 
     job = _job(args)
+    if job.get("base"):
+        check_base(job["base"])
     host = default_host()
     check_templates(host, job["templates"] + job["negative_templates"])  # before the slow model load
     base = load_base(job.get("base"), allow_pickle=_allow_pickle(args))
@@ -372,6 +385,8 @@ def demo(args: argparse.Namespace, host: PluginHost | None = None) -> int:
 
     started = time.perf_counter()
     host = host or default_host()
+    if args.base:
+        check_base(args.base)  # before the output folder is made
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base(args.base, allow_pickle=_allow_pickle(args))
