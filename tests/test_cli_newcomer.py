@@ -204,3 +204,28 @@ def test_info_shows_that_color_kv_takes_a_colour_name(capsys: pytest.CaptureFixt
     inputs = default_host().get("template", "color-kv").Inputs
     assert inputs(color="red").color == (1.0, 0.0, 0.0)
     assert inputs(color=[0, 0.5, 1]).color == (0.0, 0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--template", "colr-kv", "color=red"],
+        ["generate", "--template", "color-kv", "red"],
+        ["generate", "--job", "missing.json"],
+        ["generate", "--base", "./no/such/model"],
+    ],
+)
+def test_a_misspelt_name_or_argument_is_reported_without_importing_torch(
+    argv: list[str], in_tmp: Path
+) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom diffusion_templates import cli\n"
+        f"rc = cli.main({argv!r})\n"
+        "print(rc, sorted(m for m in ('torch', 'diffusers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "2 []", done.stdout + done.stderr
+    assert done.stderr.startswith("dt: error: ")

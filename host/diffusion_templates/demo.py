@@ -319,15 +319,16 @@ def _check_size(tp: Any, kwargs: dict[str, Any]) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .pipeline import TemplatePipeline
-
     job = _job(args)
     if job.get("base"):
         check_base(job["base"])
     host = default_host()
     check_templates(host, job["templates"] + job["negative_templates"])  # before the slow model load
+
+    import torch  # after the checks: a misspelt template name is reported without importing torch
+
+    from .pipeline import TemplatePipeline
+
     base = load_base(job.get("base"), allow_pickle=_allow_pickle(args))
     print(f"base model: {base.description}")
     kwargs = dict(base.call_kwargs)
