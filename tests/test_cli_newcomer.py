@@ -189,6 +189,8 @@ def test_list_shows_the_base_models(capsys: pytest.CaptureFixture[str]) -> None:
     ]
     assert cli.main(["list", "--kind", "template", "--json"]) == 0
     assert all(i["kind"] == "template" for i in json.loads(capsys.readouterr().out))
+    assert cli.main(["list", "--json"]) == 0  # plain --json: the plugins, as before
+    assert "base" not in {i["kind"] for i in json.loads(capsys.readouterr().out)}
 
 
 def test_info_shows_that_color_kv_takes_a_colour_name(capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,7 +86,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     infos = sorted((i for i in discover() if args.kind in (None, i.kind)), key=_sort_key)
     bases = _base_models() if args.kind in (None, BASE_KIND) else []
     if args.json:
-        print(json.dumps([i.as_dict() for i in infos] + bases, indent=2))
+        # Plain --json stays the list of plugins (what scripts read; DT_LOAD/DISABLE_PLUGINS apply to
+        # them, not to base models): the base models come with --kind base.
+        print(json.dumps(bases if args.kind == BASE_KIND else [i.as_dict() for i in infos], indent=2))
         return 0
     if not infos and not bases:
         print(f"no {args.kind or 'plugin'}s installed")
