@@ -71,6 +71,24 @@ def support_matrix(session: nox.Session) -> None:
     session.run("python", "-m", "diffusion_templates.support_matrix", "docs/support-matrix.md")
 
 
+#: Every distribution of the repository: the host, the SDK, each plugin.
+DISTRIBUTIONS = [".", "sdk", *(f"plugins/{p}" for p in PLUGINS)]
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Wheels and sdists of every distribution into dist/, then ``twine check`` of their metadata.
+
+    ``pip install --no-index --find-links dist dt-template-superres`` then installs a capability by
+    name, the host coming in as its dependency (tests/test_install_by_name.py does that offline).
+    """
+    session.install("build", "twine")
+    out = ROOT / "dist"
+    for dist in DISTRIBUTIONS:
+        session.run("python", "-m", "build", "--outdir", str(out), dist)
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in out.iterdir()))
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")

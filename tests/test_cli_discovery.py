@@ -545,7 +545,9 @@ def test_demo_and_generate_dispatch(sites: dict[str, list[str]]) -> None:
     demo_args, generate_args = got["seen"]
     assert (demo_args["command"], demo_args["out"], demo_args["steps"]) == ("demo", "o", 4)
     assert generate_args["command"] == "generate"
-    assert (generate_args["out"], generate_args["template"]) == ("out.png", [])
+    # out defaults to None in the namespace (out.png is applied after a job file's own out: issue 20,
+    # where the parser's default used to override the job's).
+    assert (generate_args["out"], generate_args["template"]) == (None, [])
 
 
 def test_keywords_scoped_to_one_template() -> None:

@@ -14,10 +14,13 @@ def test_demo_writes_contact_sheet_and_report(tmp_path):
     args = argparse.Namespace(command="demo", out=str(tmp_path / "demo"), steps=2, base=None)
     assert demo.main(args) == 0
     sheet = Image.open(tmp_path / "demo" / "contact_sheet.png")
-    assert sheet.width > 0 and sheet.height > 0
     report = (tmp_path / "demo" / "report.md").read_text()
-    # The embedded dt-base-shapes model when installed (the suite installs it), else the tiny stand-in.
-    assert "dt-base-shapes" in report or "RANDOM weights" in report
+    # One tile per row of the report's table (base, references, each template run), 4 per sheet row.
+    tiles = sum(1 for line in report.splitlines() if line.startswith("| ") and not line.startswith("| run "))
+    assert tiles >= 3
+    assert sheet.size == (4 * 192, -(-tiles // 4) * (192 + 18))
+    # The suite installs the embedded dt-base-shapes model: the demo must use it, not the stand-in.
+    assert "dt-base-shapes" in report and "RANDOM weights" not in report
     # The test-only templates on sys.path are installed plugins too: each gets a row with its numbers.
     assert "| base |" in report and "| test-kv |" in report and "| test-lora |" in report
     assert "Skipped test-flaky" in report  # a failing plugin is reported, not fatal

@@ -65,12 +65,23 @@ def test_negative_templates_without_cfg_warn(flux2_pipe):
         run(tp, "flux2_klein", cfg=False, negative_templates=[{"template": "test-kv"}])
 
 
-def test_positive_and_negative_kv_of_different_lengths(flux2_pipe):
+@pytest.mark.parametrize(("positive_length", "negative_length", "seed"), [(7, 2, 4), (3, 5, 1), (1, 1, 9)])
+def test_positive_and_negative_kv_of_different_lengths(flux2_pipe, positive_length, negative_length, seed):
+    """Each branch gets its own cache, whatever the two lengths: the conditional branch's outputs
+    are those of the positive template alone, the unconditional branch's those of the negative
+    alone, and both differ from the bare call's (a kv carrier that did nothing would leave them equal)."""
     tp = TemplatePipeline(flux2_pipe)
-    out = run(
-        tp,
-        "flux2_klein",
-        templates=[{"template": "test-kv", "length": 7}],
-        negative_templates=[{"template": "test-kv", "length": 2, "seed": 4}],
+    positive = {"template": "test-kv", "length": positive_length}
+    negative = {"template": "test-kv", "length": negative_length, "seed": seed}
+    bare = record_branch_outputs(flux2_pipe, "flux2_klein")
+    both = record_branch_outputs(
+        flux2_pipe, "flux2_klein", tp, templates=[positive], negative_templates=[negative]
     )
-    assert torch.isfinite(out).all()
+    alone_pos = record_branch_outputs(flux2_pipe, "flux2_klein", tp, templates=[positive])
+    alone_neg = record_branch_outputs(flux2_pipe, "flux2_klein", tp, negative_templates=[negative])
+    assert all(torch.isfinite(t).all() for t in both["cond"] + both["uncond"])
+    # Step 0: the same latents in every call, so each branch's first output depends only on its cache.
+    assert torch.equal(both["cond"][0], alone_pos["cond"][0])
+    assert torch.equal(both["uncond"][0], alone_neg["uncond"][0])
+    assert not torch.equal(both["cond"][0], bare["cond"][0])
+    assert not torch.equal(both["uncond"][0], bare["uncond"][0])

@@ -29,6 +29,24 @@ COMMANDS_GROUP = "diffusion_templates.commands"
 KINDS = ("template", "carrier", "backbone")
 BUILTIN_COMMANDS = ("list", "info", "doctor", "demo", "generate")
 HOST_DISTRIBUTION = "diffusion-templates"
+#: ``dt list`` also lists base models (``diffusion_templates.base_models``, e.g. ``dt-base-shapes``).
+BASE_KIND = "base"
+BASE_MODELS_GROUP = "diffusion_templates.base_models"
+
+
+class UsageError(Exception):
+    """A bad command line or job file: ``dt: error: ...`` and exit code 2, argparse's convention."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for ``--steps`` and ``--size``: 0 steps or a 0-pixel image is a mistake."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
 
 
 # -- small helpers ------------------------------------------------------------------------------------
@@ -66,10 +84,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .plugins import discover  # metadata only: imports no plugin, torch or diffusers
 
     infos = sorted((i for i in discover() if args.kind in (None, i.kind)), key=_sort_key)
+    bases = _base_models() if args.kind in (None, BASE_KIND) else []
     if args.json:
-        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        # Plain --json stays the list of plugins (what scripts read; DT_LOAD/DISABLE_PLUGINS apply to
+        # them, not to base models): the base models come with --kind base.
+        print(json.dumps(bases if args.kind == BASE_KIND else [i.as_dict() for i in infos], indent=2))
         return 0
-    if not infos:
+    if not infos and not bases:
         print(f"no {args.kind or 'plugin'}s installed")
         return 0
     headers = ("KIND", "NAME", "VERSION", "DISTRIBUTION", "CARRIERS", "BACKBONES", "STATUS", "PROBLEM")
@@ -86,8 +107,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
         )
         for i in infos
     ]
+    rows += [
+        (BASE_KIND, b["name"], b["version"] or "-", b["distribution"], "-", "-", b["status"], b["problem"])
+        for b in bases
+    ]
     print(_table(headers, rows))
     return 0
+
+
+def _base_models() -> list[dict[str, str]]:
+    """The installed base models (what ``dt generate`` uses without ``--base``), from metadata alone."""
+    from .installed import entries
+
+    return [
+        {
+            "kind": BASE_KIND,
+            "name": e.name,
+            "version": e.dist.version or "",
+            "distribution": e.dist.name,
+            "value": e.value,
+            "status": "broken" if e.problem is not None else "available",
+            "problem": e.problem or "",
+        }
+        for e in entries([BASE_MODELS_GROUP])
+    ]
 
 
 # -- dt info ---------------------------------------------------------------------------------------------
@@ -608,7 +651,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="list installed plugins (reads metadata, imports nothing)",
         description="List installed plugins from package metadata alone (imports no plugin).",
     )
-    p.add_argument("--kind", choices=KINDS, help="only plugins of this kind")
+    p.add_argument(
+        "--kind", choices=(*KINDS, BASE_KIND), help="only plugins of this kind (base: base models)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=_cmd_list)
 
@@ -637,7 +682,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "paper's fusion examples) and a report of measured effects.",
     )
     p.add_argument("--out", metavar="DIR", default="dt-demo", help="output directory (default: dt-demo)")
-    p.add_argument("--steps", metavar="N", type=int, help="denoising steps (default: the base model's)")
+    p.add_argument(
+        "--steps", metavar="N", type=positive_int, help="denoising steps (default: the base model's)"
+    )
     p.add_argument("--base", metavar="MODEL", help="diffusers folder or hub id (default: the embedded model)")
     p.add_argument(
         "--allow-pickle",
@@ -678,12 +725,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="also load pickle weights (.bin/.pt/.ckpt) from --base: pickles can run code, "
         "use only for files you trust (default: refused)",
     )
-    p.add_argument("--steps", metavar="N", type=int, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--size", type=int, help="image height and width in pixels")
+    p.add_argument("--steps", metavar="N", type=positive_int, help="denoising steps")
+    # seed and out default to None here: a job file's values win over defaults, not over given flags.
+    p.add_argument("--seed", type=int, help="random seed (default: the job's, else 0)")
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        help="image height and width in pixels, a multiple of the model's size multiple",
+    )
     p.add_argument("--guidance", type=float, help="CFG scale passed to the pipeline")
     p.add_argument("--job", metavar="FILE", help="a YAML/JSON job file with any of these fields (CLI wins)")
-    p.add_argument("--out", metavar="FILE", default="out.png", help="output image (default: out.png)")
+    p.add_argument("--out", metavar="FILE", help="output image (default: the job's, else out.png)")
     p.set_defaults(func=_cmd_demo)
     return parser, sub
 
@@ -770,6 +822,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return _exit_code(func(args))
+    except UsageError as exc:
+        _err(str(exc))
+        return 2
     except TemplateError as exc:
         if os.environ.get("DT_TRACEBACK"):
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .cli import BASE_MODELS_GROUP, UsageError
+from .errors import TemplateError
 from .installed import entries
 from .plugins import PluginHost, default_host
-
-BASE_MODELS_GROUP = "diffusion_templates.base_models"
 
 # The paper's fusion examples (figures 12-15), shown when every template in a row is installed.
 FUSIONS = [
@@ -55,20 +56,16 @@ def load_base(base: str | None, *, allow_pickle: bool = False) -> BaseModel:
     with pickle weights is refused, naming them, before anything is loaded (``pickle_guard``). A job
     file cannot allow pickles, only the person running the command.
     """
-    if base:
-        from diffusers import DiffusionPipeline
-
-        from .pickle_guard import from_pretrained
-
-        pipe = from_pretrained(DiffusionPipeline.from_pretrained, base, allow_pickle=allow_pickle)
-        return BaseModel(pipe, {}, f"diffusers pipeline from {base}")
-    for entry in entries([BASE_MODELS_GROUP]):
-        where = f"base model {entry.name!r} (distribution {entry.dist.name})"
-        if entry.problem is not None:
-            print(f"dt: warning: {where} is broken: {entry.problem}", file=sys.stderr)
-            continue
-        loader: Callable[[], BaseModel] = entry.entry_point().load()
-        return loader()
+    with quiet_loading():
+        if base:
+            return BaseModel(_load_folder_or_hub(base, allow_pickle), {}, f"diffusers pipeline from {base}")
+        for entry in entries([BASE_MODELS_GROUP]):
+            where = f"base model {entry.name!r} (distribution {entry.dist.name})"
+            if entry.problem is not None:
+                print(f"dt: warning: {where} is broken: {entry.problem}", file=sys.stderr)
+                continue
+            loader: Callable[[], BaseModel] = entry.entry_point().load()
+            return loader()
     from .testing.tiny import TINY_PIPELINES
 
     spec = TINY_PIPELINES["flux2_klein"]
@@ -80,6 +77,70 @@ def load_base(base: str | None, *, allow_pickle: bool = False) -> BaseModel:
     )
 
 
+#: A hub id: ``name`` or ``owner/name`` (letters, digits, ``-_.``), not starting with a dot.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _load_folder_or_hub(base: str, allow_pickle: bool) -> Any:
+    """``--base``: a diffusers folder or a hub id; anything else is a :class:`UsageError`, not a traceback."""
+    from diffusers import DiffusionPipeline
+
+    from .pickle_guard import from_pretrained
+
+    source = check_base(base)
+    try:
+        return from_pretrained(
+            DiffusionPipeline.from_pretrained,
+            source,
+            allow_pickle=allow_pickle,
+            low_cpu_mem_usage=_accelerate(),
+        )
+    except TemplateError:  # pickle weights refused: its own message
+        raise
+    except (OSError, ValueError) as exc:  # not on the hub, offline, missing files: diffusers says which
+        raise UsageError(f"--base {base!r}: could not load a diffusers pipeline: {exc}") from None
+
+
+def check_base(base: str) -> str:
+    """``--base`` as ``from_pretrained`` takes it (a folder or a hub id), or a :class:`UsageError`
+    before anything loads: a path that does not exist, a folder that is no diffusers pipeline."""
+    folder = Path(base).expanduser()
+    if not folder.exists():
+        if not _HUB_ID.match(base):
+            raise UsageError(
+                f"--base {base!r}: no such folder (give a diffusers pipeline folder or a hub id)"
+            )
+        return base
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"--base {base!r}: not a diffusers pipeline folder (it has no model_index.json)")
+    return str(folder)
+
+
+def _accelerate() -> bool:
+    """Whether accelerate is installed: asking for low-memory loading without it only prints a warning."""
+    from diffusers.utils import is_accelerate_available
+
+    return bool(is_accelerate_available())
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No loading progress bars (diffusers' and transformers') for the block; each setting is put back."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = []
+    for module in (diffusers_logging, transformers_logging):
+        states.append((module, module.is_progress_bar_enabled()))
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in states:
+            if enabled:
+                module.enable_progress_bar()
+
+
 def parse_template_args(groups: list[list[str]]) -> list[dict[str, Any]]:
     """``[["brightness", "scale=0.8"], ...]`` -> ``[{"template": "brightness", "scale": 0.8}, ...]``."""
     specs = []
@@ -88,7 +149,7 @@ def parse_template_args(groups: list[list[str]]) -> list[dict[str, Any]]:
         for pair in pairs:
             key, sep, raw = pair.partition("=")
             if not sep or not key:
-                raise SystemExit(f"dt: error: template {name!r}: expected KEY=VALUE, got {pair!r}")
+                raise UsageError(f"template {name!r}: expected KEY=VALUE, got {pair!r}")
             try:
                 spec[key] = json.loads(raw)
             except json.JSONDecodeError:
@@ -167,16 +228,44 @@ def _allow_pickle(args: argparse.Namespace) -> bool:
 
 
 # -- dt generate ---------------------------------------------------------------------------------------------
-def _job(args: argparse.Namespace) -> dict[str, Any]:
-    job: dict[str, Any] = {}
-    if args.job:
-        text = Path(args.job).read_text()
-        if args.job.endswith((".yaml", ".yml")):
+def _read_job(path: str) -> dict[str, Any]:
+    """A JSON or YAML job file as a mapping; a missing or malformed file is a :class:`UsageError`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"--job {path!r}: cannot read it: {exc.strerror or exc}") from None
+    yaml_file = path.endswith((".yaml", ".yml"))
+    try:
+        if yaml_file:
             import yaml
 
             job = yaml.safe_load(text) or {}
         else:
             job = json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: the parser's message says where
+        raise UsageError(f"--job {path!r}: not valid {'YAML' if yaml_file else 'JSON'}: {exc}") from None
+    if not isinstance(job, dict):
+        raise UsageError(f"--job {path!r}: expected a mapping of fields, got a {type(job).__name__}")
+    return job
+
+
+def _check_job(job: dict[str, Any]) -> None:
+    """The job's numbers, checked as the command line checks its flags (``--steps 0`` is refused)."""
+    for key in ("steps", "size"):
+        value = job.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"job field {key!r}: expected a whole number of at least 1, got {value!r}")
+    seed = job.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"job field 'seed': expected a whole number, got {seed!r}")
+    for key in ("templates", "negative_templates"):
+        if not isinstance(job[key], list):
+            raise UsageError(f"job field {key!r}: expected a list of template specs, got {job[key]!r}")
+
+
+def _job(args: argparse.Namespace) -> dict[str, Any]:
+    """The job file's fields, overridden by each flag given on the command line (not by defaults)."""
+    job = _read_job(args.job) if args.job else {}
     cli = {
         "prompt": args.prompt or None,
         "base": args.base,
@@ -187,19 +276,59 @@ def _job(args: argparse.Namespace) -> dict[str, Any]:
         "out": args.out,
     }
     job.update({k: v for k, v in cli.items() if v is not None})
-    job["templates"] = list(job.get("templates") or []) + parse_template_args(args.template)
-    job["negative_templates"] = list(job.get("negative_templates") or []) + parse_template_args(
-        args.negative_template
-    )
+    job.setdefault("seed", 0)
+    job.setdefault("out", "out.png")
+    templates = job.get("templates") or []
+    negatives = job.get("negative_templates") or []
+    # One spec on its own (a name or a mapping) is a list of one, as TemplatePipeline takes it.
+    job["templates"] = [templates] if isinstance(templates, str | dict) else templates
+    job["negative_templates"] = [negatives] if isinstance(negatives, str | dict) else negatives
+    _check_job(job)
+    job["templates"] = list(job["templates"]) + parse_template_args(args.template)
+    job["negative_templates"] = list(job["negative_templates"]) + parse_template_args(args.negative_template)
     return job
 
 
+def check_templates(host: PluginHost, specs: list[Any]) -> None:
+    """Validate each spec against its plugin's ``Inputs`` before the base model loads (seconds saved
+    on every typo): imports the plugins named, loads no model. TemplatePipeline checks again."""
+    from .errors import TemplateInputError, validate_inputs
+
+    for spec in specs:
+        spec = {"template": spec} if isinstance(spec, str) else spec
+        if not isinstance(spec, dict) or not isinstance(spec.get("template"), str):
+            raise TemplateInputError(
+                "<unnamed>", [("template", "each template spec needs a 'template' name", spec)]
+            )
+        name = spec["template"]
+        plugin = host.get("template", name)
+        validate_inputs(name, plugin.Inputs, {k: v for k, v in spec.items() if k != "template"})
+
+
+def _check_size(tp: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse a height/width that is not a multiple of the model's (diffusers would round it, warning)."""
+    multiple = tp.adapter.size_multiple()
+    for key in ("height", "width"):
+        value = kwargs.get(key)
+        if value is not None and value % multiple:
+            lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
+            nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
+            raise UsageError(
+                f"--size {value}: this model needs a multiple of {multiple} pixels (try {nearest})"
+            )
+
+
 def generate(args: argparse.Namespace) -> int:
-    import torch
+    job = _job(args)
+    if job.get("base"):
+        check_base(job["base"])
+    host = default_host()
+    check_templates(host, job["templates"] + job["negative_templates"])  # before the slow model load
+
+    import torch  # after the checks: a misspelt template name is reported without importing torch
 
     from .pipeline import TemplatePipeline
 
-    job = _job(args)
     base = load_base(job.get("base"), allow_pickle=_allow_pickle(args))
     print(f"base model: {base.description}")
     kwargs = dict(base.call_kwargs)
@@ -210,17 +339,18 @@ def generate(args: argparse.Namespace) -> int:
     if job.get("guidance") is not None:
         kwargs["guidance_scale"] = job["guidance"]
     kwargs.update(job.get("pipeline_kwargs") or {})
-    tp = TemplatePipeline(base.pipe)
+    tp = TemplatePipeline(base.pipe, plugins=host)
+    _check_size(tp, kwargs)
     base.pipe.set_progress_bar_config(disable=False)
     with _threads(base.pipe):
         image = tp(
             prompt=job.get("prompt") or base.prompts[0],
             templates=job["templates"],
             negative_templates=job["negative_templates"],
-            generator=torch.Generator().manual_seed(int(job.get("seed", 0))),
+            generator=torch.Generator().manual_seed(job["seed"]),
             **kwargs,
         ).images[0]
-    out = Path(job.get("out", "out.png"))
+    out = Path(job["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     print(f"wrote {out}")
@@ -256,6 +386,8 @@ def demo(args: argparse.Namespace, host: PluginHost | None = None) -> int:
 
     started = time.perf_counter()
     host = host or default_host()
+    if args.base:
+        check_base(args.base)  # before the output folder is made
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base(args.base, allow_pickle=_allow_pickle(args))
@@ -266,7 +398,6 @@ def demo(args: argparse.Namespace, host: PluginHost | None = None) -> int:
 def _demo(args: argparse.Namespace, host: PluginHost, out: Path, base: BaseModel, started: float) -> int:
     import torch
 
-    from .errors import TemplateError
     from .pipeline import TemplatePipeline
 
     kwargs = dict(base.call_kwargs)

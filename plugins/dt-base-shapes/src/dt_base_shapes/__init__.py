@@ -40,10 +40,14 @@ def load_pipeline(folder: str | Path | None = None, *, allow_pickle: bool = Fals
     anything is loaded (``diffusion_templates.pickle_guard``).
     """
     from diffusers import Flux2KleinPipeline
+    from diffusers.utils import is_accelerate_available
     from diffusion_templates.pickle_guard import from_pretrained
 
     load = Flux2KleinPipeline.from_pretrained
-    pipe = from_pretrained(load, str(folder or WEIGHTS), allow_pickle=allow_pickle)
+    # Low-memory loading only with accelerate: asking for it without prints a warning on every load.
+    pipe = from_pretrained(
+        load, str(folder or WEIGHTS), allow_pickle=allow_pickle, low_cpu_mem_usage=is_accelerate_available()
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -77,7 +77,9 @@ def parse_color(value: Any) -> tuple[float, float, float]:
 
 
 class ColorKVInputs(TemplateInputs):
-    color: tuple[float, float, float] = Field(
+    # str in the annotation: `dt info` and the JSON Schema show that a name is accepted; the validator
+    # below always stores the (r, g, b) triple.
+    color: str | tuple[float, float, float] = Field(
         description=(
             "Colour of the shape (the object the prompt describes, not the background): an (r, g, b) triple "
             "in [0, 1] (sRGB values / 255), a CSS colour name ('red', 'orange'...) or '#rrggbb'."
